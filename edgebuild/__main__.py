@@ -1,0 +1,62 @@
+"""`python -m edgebuild recipe=NAME [overrides] [-m]`: compose with Hydra, build, report.
+
+Exit codes: 0 built and within budget; 1 budget violated (artifacts and runs are kept as evidence)
+or a Hydra compose error; 2 a problem edgebuild detected (message names it and the fix);
+130 interrupted (finished stages stay cached).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from edgebuild.config import CONF_DIR, register_configs
+from edgebuild.errors import BudgetExceeded, EdgebuildError
+
+QUIET = ("pytorch_lightning", "pytorch_lightning.utilities.rank_zero", "lightning", "lightning.pytorch",
+         "lightning_fabric", "lightning.fabric.utilities.rank_zero", "nncf", "alembic", "mlflow")
+
+
+def run(cfg: Any) -> dict[str, Any] | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from edgebuild.pipeline import build
+
+    for name in QUIET:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*(LeafSpec|treespec|litlogger).*")
+    hc = HydraConfig.get()
+    recipe = hc.runtime.choices.get("recipe", "default")
+    multirun = hc.mode == RunMode.MULTIRUN
+    try:
+        return build(cfg, Path(hc.runtime.output_dir), recipe)
+    except EdgebuildError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"\nedgebuild: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except BudgetExceeded:
+        print("\nedgebuild: budget violated (see the table above); artifacts and runs are kept", file=sys.stderr)
+        if not multirun:  # in a sweep, one job over budget must not stop the others
+            sys.exit(BudgetExceeded.exit_code)
+        return None
+    except KeyboardInterrupt:
+        print("\nedgebuild: interrupted; finished stages stay cached and the next build resumes from them",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+def main() -> None:
+    import hydra
+
+    register_configs()
+    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(run)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Artifact: the immutable output of a stage (a torch model, an ONNX file or an OpenVINO IR)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+KINDS = ("torch", "onnx", "openvino")
+TORCH_FILE = "model.pt"
+ONNX_FILE = "model.onnx"
+IR_FILE = "model.xml"
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tree_digest(root: Path, files: list[str]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(name.encode() + b"\0" + file_digest(root / name).encode() + b"\n")
+    return h.hexdigest()
+
+
+@dataclass
+class Artifact:
+    """Files of one model in one folder.
+
+    `meta` carries what a deployable needs to be used without edgebuild and what measurement needs:
+    input_shape [1,C,H,W], layout, mean, std, class_names, task, precision, macs, params.
+    """
+
+    kind: str
+    root: Path
+    files: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+    digest: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"artifact kind {self.kind!r} is not one of {KINDS}")
+        self.root = Path(self.root)
+        if not self.digest:
+            self.digest = tree_digest(self.root, self.files)
+
+    @property
+    def main_file(self) -> Path:
+        return self.root / self.files[0]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum((self.root / f).stat().st_size for f in self.files)
+
+    def verify(self) -> bool:
+        """True when every file is present and unchanged since the artifact was written."""
+        try:
+            return tree_digest(self.root, self.files) == self.digest
+        except OSError:
+            return False
+
+    def to_json(self, relative_to: Path | None = None) -> dict[str, Any]:
+        d = asdict(self)
+        d["root"] = str(self.root.relative_to(relative_to) if relative_to else self.root)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], relative_to: Path | None = None) -> Artifact:
+        root = Path(d["root"])
+        if relative_to is not None and not root.is_absolute():
+            root = relative_to / root
+        return cls(kind=d["kind"], root=root, files=list(d["files"]), meta=dict(d["meta"]), digest=d["digest"])
+
+    # torch artifacts hold whole pickled modules: structured pruning and QAT change the class
+    # layout, so a state_dict for the original class cannot restore them. Only edgebuild's own cache
+    # is unpickled this way; user-supplied files go through models.load_weights (weights_only=True).
+    @classmethod
+    def save_torch(cls, model: Any, root: Path, meta: dict[str, Any]) -> Artifact:
+        import torch
+
+        root.mkdir(parents=True, exist_ok=True)
+        torch.save(model, root / TORCH_FILE)
+        return cls(kind="torch", root=root, files=[TORCH_FILE], meta=dict(meta))
+
+    def load_torch(self) -> Any:
+        import torch
+
+        if self.kind != "torch":
+            raise TypeError(f"artifact is {self.kind}, not torch")
+        model = torch.load(self.main_file, weights_only=False)  # trusted: edgebuild's own cache
+        model.eval()
+        return model
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))

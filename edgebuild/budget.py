@@ -1,0 +1,37 @@
+"""Budgets: limits from the recipe and the target, checked on the final artifact's metrics."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+# budget key -> (metric, comparison, scale applied to the metric before comparing)
+LIMITS: dict[str, tuple[str, str, float]] = {
+    "min_acc": ("acc/top1", ">=", 1.0),
+    "max_acc_drop": ("acc/drop", "<=", 1.0),
+    "min_map": ("map/50_95", ">=", 1.0),
+    "max_map_drop": ("map/drop", "<=", 1.0),
+    "max_latency_ms": ("latency/p50_ms", "<=", 1.0),
+    "max_size_bytes": ("size/bytes", "<=", 1.0),
+    "max_zip_bytes": ("size/zip_bytes", "<=", 1.0),
+    "max_macs": ("macs", "<=", 1.0),
+    "max_params": ("params", "<=", 1.0),
+    "max_ram_bytes": ("memory/peak_ram_bytes", "<=", 1.0),
+    "max_flash_bytes": ("memory/flash_bytes", "<=", 1.0),
+}
+OPS = {"<=": operator.le, ">=": operator.ge}
+
+
+def check(metrics: dict[str, Any], budgets: list[tuple[str, Any]]) -> dict[str, Any]:
+    """budgets: (source, BudgetConf) pairs, e.g. ("recipe", cfg.budget), ("target", cfg.target.budget)."""
+    checks = []
+    for source, budget in budgets:
+        for key, (metric, op, scale) in LIMITS.items():
+            limit = getattr(budget, key, None)
+            if limit is None:
+                continue
+            value = metrics.get(metric)
+            ok = value is not None and OPS[op](value * scale, limit)
+            checks.append({"budget": key, "source": source, "metric": metric, "op": op, "limit": limit,
+                           "value": value, "ok": bool(ok)})
+    return {"ok": all(c["ok"] for c in checks), "checks": checks}

@@ -1,0 +1,81 @@
+"""Content-addressed stage cache: outputs/cache/<key[:2]>/<key>/ holding files and result.json.
+
+Entries are built in a temporary folder and renamed into place, so an interrupted build or two
+parallel sweep jobs never leave (or read) half an entry; a damaged entry is detected and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+RECORD = "result.json"
+
+
+def cache_key(description: dict[str, Any]) -> str:
+    """sha256 of the canonical (sorted-key) JSON of everything that determines an output."""
+    return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class Entry:
+    key: str
+    path: Path
+    record: dict[str, Any]
+    hit: bool
+
+
+class Cache:
+    def __init__(self, root: Path, enabled: bool = True, scratch: Path | None = None):
+        self.root = Path(root)
+        self.enabled = enabled
+        # with the cache off, outputs still need a home: a scratch folder of this build
+        self.scratch = Path(scratch) if scratch else self.root / "_scratch"
+
+    def _path(self, key: str) -> Path:
+        return (self.root / key[:2] / key) if self.enabled else (self.scratch / key)
+
+    def get(self, key: str, verify: Callable[[Path, dict[str, Any]], bool] | None = None) -> Entry | None:
+        if not self.enabled:
+            return None
+        path = self._path(key)
+        try:
+            record = json.loads((path / RECORD).read_text())
+        except (OSError, ValueError):
+            if path.exists():
+                log.warning("cache entry %s is incomplete; rebuilding it", path)
+                shutil.rmtree(path, ignore_errors=True)
+            return None
+        if verify is not None and not verify(path, record):
+            log.warning("cache entry %s is damaged (files changed or missing); rebuilding it", path)
+            shutil.rmtree(path, ignore_errors=True)
+            return None
+        return Entry(key, path, record, hit=True)
+
+    def put(self, key: str, produce: Callable[[Path], dict[str, Any]]) -> Entry:
+        """Run `produce(tmp_folder) -> record` and publish the folder atomically under `key`."""
+        final = self._path(key)
+        tmp = final.parent / f".tmp-{key[:16]}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            record = produce(tmp)
+            (tmp / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+            if final.exists() and not self.enabled:
+                shutil.rmtree(final)
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another process published the same key first: theirs is as good
+                shutil.rmtree(tmp, ignore_errors=True)
+                record = json.loads((final / RECORD).read_text())
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return Entry(key, final, record, hit=False)

@@ -1,0 +1,353 @@
+"""Data: named sources of labelled images, split by seed, decoded once, normalized on the fly.
+
+A source returns uint8 images [N,C,H,W] at the configured size plus integer labels; the DataModule
+splits, normalizes (mean/std, which become part of every artifact's metadata) and serves batches
+to training, calibration and evaluation. Tasks with other target formats (detection) register their
+own sources and DataModule subclass through `SOURCES` and `Task.datamodule`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from edgebuild.errors import EdgebuildError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Labelled:
+    images: np.ndarray  # uint8 [N,C,H,W]
+    labels: np.ndarray  # int64 [N]
+
+
+@dataclass
+class Source:
+    """What a data source yields: either one pool to split by seed, or ready-made splits."""
+
+    class_names: list[str]
+    signature: str  # identifies the raw data (enters the data fingerprint)
+    pool: Labelled | None = None
+    splits: dict[str, Labelled] | None = None
+
+
+def _resize(images: np.ndarray, size: int, channels: int) -> np.ndarray:
+    """uint8 [N,C,H,W] -> uint8 [N,channels,size,size] (bilinear, antialiased)."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(images)
+    if t.shape[1] != channels:
+        if t.shape[1] == 1:
+            t = t.expand(-1, channels, -1, -1)
+        elif channels == 1:
+            t = (t.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        else:
+            raise EdgebuildError(f"cannot convert {t.shape[1]}-channel images to {channels} channels")
+    if t.shape[-1] != size or t.shape[-2] != size:
+        out = []
+        for chunk in t.split(4096):
+            out.append(F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True,
+                                     align_corners=False).round().clamp(0, 255))
+        t = torch.cat(out)
+    return t.to(torch.uint8).contiguous().numpy()
+
+
+# ---------------------------------------------------------------------------------------- sources
+def digits_source(cfg: Any, cache_dir: Path) -> Source:
+    import sklearn
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = (d.images * (255.0 / 16.0)).round().astype(np.uint8)[:, None]
+    return Source(class_names=[str(c) for c in d.target_names], signature=f"sklearn-digits-{sklearn.__version__}",
+                  pool=Labelled(images, d.target.astype(np.int64)))
+
+
+def synthetic_source(cfg: Any, cache_dir: Path) -> Source:
+    """Learnable generated images: one smooth random template per class plus noise (seeded)."""
+    rng = np.random.default_rng(cfg.split.seed + 1234)
+    n, k, c, s = cfg.num_samples, cfg.num_classes, cfg.channels, cfg.image_size
+    templates = rng.uniform(0, 255, size=(k, c, 4, 4))
+    templates = np.kron(templates, np.ones((1, 1, (s + 3) // 4, (s + 3) // 4)))[:, :, :s, :s]
+    labels = np.arange(n) % k
+    rng.shuffle(labels)
+    images = templates[labels] * 0.7 + rng.normal(0, 30, size=(n, c, s, s)) + 38
+    return Source(class_names=[f"class{i}" for i in range(k)],
+                  signature=f"synthetic-{n}-{k}-{c}-{s}-{cfg.split.seed}",
+                  pool=Labelled(images.clip(0, 255).astype(np.uint8), labels.astype(np.int64)))
+
+
+def _decode(data: bytes, where: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise EdgebuildError(f"cannot read image {where}: {e}",
+                             "remove or replace the corrupt file (every image in the folder is used)") from None
+
+
+def _folder_entries(root: Path) -> tuple[list[tuple[str, str, Callable[[], bytes]]], str]:
+    """(relative path, display path, reader) for every file under a folder or inside a .tar(.gz)."""
+    if root.is_file() and tarfile.is_tarfile(root):
+        tf = tarfile.open(root)
+        entries = []
+        for m in tf.getmembers():
+            if m.isfile():
+                entries.append((m.name, f"{root}:{m.name}", (lambda m=m: tf.extractfile(m).read())))
+        st = root.stat()
+        return entries, f"tar:{root.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    sig = hashlib.sha256()
+    for p in files:
+        sig.update(f"{p.relative_to(root)}:{p.stat().st_size}:{int(p.stat().st_mtime)}\n".encode())
+    return [(str(p.relative_to(root)), str(p), p.read_bytes) for p in files], f"dir:{root.resolve()}:{sig.hexdigest()}"
+
+
+def _class_layout(paths: list[str]) -> tuple[str, bool]:
+    """The common prefix under which class (or split) folders live, and whether splits are given."""
+    parts = [p.split("/") for p in paths]
+    prefix: list[str] = []
+    while True:
+        heads = {p[len(prefix)] for p in parts if len(p) > len(prefix) + 1}
+        files_here = any(len(p) == len(prefix) + 1 for p in parts)
+        if len(heads) == 1 and not files_here:
+            prefix.append(heads.pop())
+            continue
+        has_splits = bool(heads) and heads <= set(SPLITS) | {"valid", "validation"}
+        return "/".join(prefix), has_splits
+
+
+def imagefolder_source(cfg: Any, cache_dir: Path) -> Source:
+    if not cfg.root:
+        raise EdgebuildError("data=imagefolder needs a folder", "set data.root=/path/to/folder (or a .tar.gz of one)")
+    root = Path(cfg.root).expanduser()
+    if not root.exists():
+        raise EdgebuildError(f"data folder {root} does not exist", "point data.root to an existing ImageFolder or .tar.gz")
+    entries, signature = _folder_entries(root)
+    images_ = [e for e in entries if Path(e[0]).suffix.lower() in IMAGE_SUFFIXES]
+    if not images_:
+        raise EdgebuildError(f"no images found under {root}", "use the layout ROOT/CLASS/IMAGE.jpg (or ROOT/train/CLASS/...)")
+    prefix, has_splits = _class_layout([e[0] for e in images_])
+    depth = len(prefix.split("/")) if prefix else 0
+
+    def parse(rel: str) -> tuple[str, str]:
+        parts = rel.split("/")[depth:]
+        if has_splits:
+            split = {"valid": "val", "validation": "val"}.get(parts[0], parts[0])
+            return split, parts[1] if len(parts) > 2 else ""
+        return "all", parts[0] if len(parts) > 1 else ""
+
+    # class folders, including empty ones (a directory with no images is a mistake worth naming)
+    class_names: set[str] = set()
+    if root.is_dir():
+        base = root / prefix if prefix else root
+        for d in (base / s for s in SPLITS) if has_splits else [base]:
+            if d.is_dir():
+                class_names |= {c.name for c in d.iterdir() if c.is_dir()}
+    class_names |= {parse(e[0])[1] for e in images_}
+    class_names.discard("")
+    names = sorted(class_names)
+    if not names:
+        raise EdgebuildError(f"no class folders under {root}", "put images in one folder per class: ROOT/CLASS/IMAGE.jpg")
+    counts = {n: 0 for n in names}
+    for e in images_:
+        if cls := parse(e[0])[1]:
+            counts[cls] += 1
+    empty = [n for n, c in counts.items() if c == 0]
+    if empty:
+        raise EdgebuildError(f"class folder(s) {', '.join(empty)} under {root} hold no images",
+                             "add images to them or remove the empty folders")
+
+    decoded = cache_dir / "decoded" / hashlib.sha256(f"{signature}|{cfg.image_size}|{cfg.channels}".encode()).hexdigest()
+    npz = decoded.with_suffix(".npz")
+    if npz.exists():
+        z = np.load(npz, allow_pickle=False)
+        split_names = [str(s) for s in z["splits"]]
+        per = {s: Labelled(z[f"{s}_x"], z[f"{s}_y"]) for s in split_names}
+    else:
+        index = {n: i for i, n in enumerate(names)}
+        buckets: dict[str, tuple[list, list]] = {}
+        for rel, where, read in images_:
+            split, cls = parse(rel)
+            if not cls:
+                continue
+            img = _decode(read(), where)
+            img = _resize(img.transpose(2, 0, 1)[None], cfg.image_size, cfg.channels)[0]
+            xs, ys = buckets.setdefault(split, ([], []))
+            xs.append(img)
+            ys.append(index[cls])
+        per = {s: Labelled(np.stack(x), np.asarray(y, dtype=np.int64)) for s, (x, y) in buckets.items()}
+        npz.parent.mkdir(parents=True, exist_ok=True)
+        tmp = npz.with_suffix(f".tmp{np.random.randint(1 << 30)}.npz")
+        np.savez(tmp, splits=np.array(list(per)), **{f"{s}_x": v.images for s, v in per.items()},
+                 **{f"{s}_y": v.labels for s, v in per.items()})
+        tmp.replace(npz)
+    if set(per) >= {"train", "val", "test"}:
+        return Source(names, signature, splits=per)
+    pool = Labelled(np.concatenate([v.images for v in per.values()]), np.concatenate([v.labels for v in per.values()]))
+    return Source(names, signature, pool=pool)
+
+
+def cifar10_source(cfg: Any, cache_dir: Path) -> Source:
+    """torchvision's CIFAR10 from a local copy (data.root); never downloads."""
+    from torchvision.datasets import CIFAR10
+
+    root = Path(cfg.root or "~/.cache/torchvision").expanduser()
+    try:
+        train = CIFAR10(str(root), train=True, download=False)
+        test = CIFAR10(str(root), train=False, download=False)
+    except RuntimeError as e:
+        raise EdgebuildError(f"CIFAR-10 not found under {root}: {e}",
+                             "set data.root to the folder holding cifar-10-batches-py, or use data=imagefolder") from None
+    pool = Labelled(_resize(train.data.transpose(0, 3, 1, 2), cfg.image_size, cfg.channels),
+                    np.asarray(train.targets, dtype=np.int64))
+    held = Labelled(_resize(test.data.transpose(0, 3, 1, 2), cfg.image_size, cfg.channels),
+                    np.asarray(test.targets, dtype=np.int64))
+    return Source(list(train.classes), f"cifar10:{root.resolve()}", pool=pool, splits={"test": held})
+
+
+SOURCES: dict[str, Callable[[Any, Path], Source]] = {
+    "digits": digits_source,
+    "synthetic": synthetic_source,
+    "imagefolder": imagefolder_source,
+    "cifar10": cifar10_source,
+}
+
+
+# ------------------------------------------------------------------------------------ datamodule
+def _split_pool(pool: Labelled, val: float, test: float, seed: int, stratify: bool = True) -> dict[str, Labelled]:
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(pool.labels))
+    strat = pool.labels if stratify else None
+    rest, test_idx = train_test_split(idx, test_size=test, random_state=seed, stratify=strat) if test > 0 else (idx, idx[:0])
+    val_rel = val / (1 - test) if test < 1 else 0
+    strat_rest = pool.labels[rest] if stratify else None
+    train_idx, val_idx = train_test_split(rest, test_size=val_rel, random_state=seed, stratify=strat_rest) if val > 0 else (rest, rest[:0])
+    return {s: Labelled(pool.images[np.sort(i)], pool.labels[np.sort(i)])
+            for s, i in (("train", train_idx), ("val", val_idx), ("test", test_idx))}
+
+
+class DataModule:
+    """Splits, normalization and batches of one labelled image dataset (classification)."""
+
+    def __init__(self, cfg: Any, cache_dir: Path):
+        self.cfg = cfg
+        if cfg.name not in SOURCES:
+            raise EdgebuildError(f"unknown data source {cfg.name!r}", f"use data= one of: {', '.join(sorted(SOURCES))}")
+        if len(cfg.mean) != cfg.channels or len(cfg.std) != cfg.channels:
+            raise EdgebuildError(f"data.mean/std need {cfg.channels} values (data.channels), got {list(cfg.mean)} / {list(cfg.std)}")
+        source = SOURCES[cfg.name](cfg, Path(cache_dir) / "data")
+        self.class_names = source.class_names
+        splits = dict(source.splits or {})
+        if source.pool is not None:
+            # a held-out test split that came with the data stays; the pool gives train and val
+            test_frac = 0.0 if "test" in splits else cfg.split.test
+            pool = self._limit(source.pool, cfg.limit)
+            parts = _split_pool(pool, cfg.split.val, test_frac, cfg.split.seed)
+            splits = {**parts, **splits} if "test" in splits else parts
+        self.splits = {k: v for k, v in splits.items()}
+        for s in SPLITS:
+            if s not in self.splits or len(self.splits[s].labels) == 0:
+                raise EdgebuildError(f"data split {s!r} is empty ({cfg.name})",
+                                     "use more images or larger data.split fractions")
+        key = {k: v for k, v in _plain(cfg).items() if k not in ("batch_size", "num_workers", "calibration")}
+        self.fingerprint = hashlib.sha256(json.dumps([source.signature, key], sort_keys=True).encode()).hexdigest()
+        self.input_shape = [1, cfg.channels, cfg.image_size, cfg.image_size]
+
+    @staticmethod
+    def _limit(pool: Labelled, limit: int | None) -> Labelled:
+        if not limit or limit >= len(pool.labels):
+            return pool
+        idx = np.sort(np.random.default_rng(0).permutation(len(pool.labels))[:limit])
+        return Labelled(pool.images[idx], pool.labels[idx])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def meta(self) -> dict[str, Any]:
+        """Preprocessing a deployable needs: x = (uint8 / 255 - mean) / std, NCHW."""
+        return {"input_shape": self.input_shape, "layout": "NCHW", "mean": list(self.cfg.mean),
+                "std": list(self.cfg.std), "scale": 255.0, "class_names": self.class_names,
+                "image_size": self.cfg.image_size, "channels": self.cfg.channels}
+
+    def normalize(self, images: np.ndarray) -> np.ndarray:
+        mean = np.asarray(self.cfg.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(self.cfg.std, dtype=np.float32).reshape(1, -1, 1, 1)
+        return ((images.astype(np.float32) / 255.0) - mean) / std
+
+    def dataset(self, split: str, train: bool = False) -> Any:
+        return _TensorImages(self, self.splits[split], augment=train and self.cfg.augment)
+
+    def loader(self, split: str, train: bool = False, batch_size: int | None = None) -> Any:
+        import torch
+        from torch.utils.data import DataLoader
+
+        g = torch.Generator().manual_seed(self.cfg.split.seed)
+        return DataLoader(self.dataset(split, train), batch_size=batch_size or self.cfg.batch_size, shuffle=train,
+                          generator=g if train else None, num_workers=self.cfg.num_workers, drop_last=False,
+                          collate_fn=self.collate)
+
+    collate = None  # torch's default collate for (image, label)
+
+    def batches(self, split: str, batch_size: int, limit: int | None = None) -> Iterator[tuple[np.ndarray, Any]]:
+        """Normalized float32 inputs and their targets, for evaluation on any runtime."""
+        data = self.splits[split]
+        n = min(len(data.labels), limit) if limit else len(data.labels)
+        for i in range(0, n, batch_size):
+            j = min(i + batch_size, n)
+            yield self.normalize(data.images[i:j]), data.labels[i:j]
+
+    def calibration(self) -> np.ndarray:
+        """The representative calibration subset (from the train split): size and seed from config."""
+        data = self.splits["train"]
+        size = self.cfg.calibration.size
+        if size > len(data.labels):
+            log.warning("calibration subset of %d asked for, train split holds %d: using all %d",
+                        size, len(data.labels), len(data.labels))
+            size = len(data.labels)
+        idx = np.sort(np.random.default_rng(self.cfg.calibration.seed).permutation(len(data.labels))[:size])
+        return self.normalize(data.images[idx])
+
+
+class _TensorImages:
+    def __init__(self, dm: DataModule, data: Labelled, augment: bool):
+        self.dm, self.data, self.augment = dm, data, augment
+
+    def __len__(self) -> int:
+        return len(self.data.labels)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        import torch
+
+        x = self.data.images[i]
+        if self.augment:  # CIFAR-style: random 4-pixel-padded crop and horizontal flip
+            pad = max(1, x.shape[-1] // 8)
+            p = np.pad(x, ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
+            r = np.random.randint(0, 2 * pad + 1, size=2)
+            x = p[:, r[0]:r[0] + x.shape[1], r[1]:r[1] + x.shape[2]]
+            if np.random.rand() < 0.5:
+                x = x[:, :, ::-1]
+        return torch.from_numpy(self.dm.normalize(np.ascontiguousarray(x)[None])[0]), int(self.data.labels[i])
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)

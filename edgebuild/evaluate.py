@@ -1,0 +1,99 @@
+"""Measurement: one path for every stage's artifact.
+
+Accuracy (and the task's other quality metrics) by the deployed artifact on the target runtime over
+held-out data; MACs and params with torch's own flop counter; size on disk and zipped; latency on
+the compiled artifact (warm-up, percentiles, throughput) with the thread count and load recorded.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def count_macs(model: Any, input_shape: list[int]) -> tuple[int, int]:
+    """(MACs, params) at batch 1; one MAC per multiply-add (torch counts FLOPs = 2 x MACs)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = model.eval()
+    shape = [1, *list(input_shape)[1:]]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(shape))
+    params = sum(p.numel() for p in model.parameters())
+    return int(counter.get_total_flops() // 2), int(params)
+
+
+def size_metrics(root: Path, files: list[str]) -> dict[str, int]:
+    """Bytes on disk and bytes after zip (deflate) — what zeros and shared weights compress to."""
+    total = sum((root / f).stat().st_size for f in files)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        for f in files:
+            z.write(root / f, arcname=f)
+    return {"size/bytes": int(total), "size/zip_bytes": len(buf.getvalue())}
+
+
+def quality(session: Any, batch: int, data: Any, task: Any, eval_cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The task's metrics, computed from the compiled artifact's raw outputs on held-out data."""
+    evaluator = task.evaluator(data.class_names)
+    for x, y in data.batches(eval_cfg.split, batch, eval_cfg.limit):
+        n = len(x)
+        if n < batch:  # the compiled shape is static: pad the last batch, drop the padding's outputs
+            x = np.concatenate([x, np.zeros((batch - n, *x.shape[1:]), dtype=x.dtype)])
+        outputs = [o[:n] for o in session.infer(x)]
+        evaluator.update(outputs, y)
+    return evaluator.compute()
+
+
+def latency(session: Any, input_shape: list[int], cfg: Any) -> dict[str, float]:
+    x = np.random.default_rng(0).standard_normal([1, *list(input_shape)[1:]]).astype(np.float32)
+    times = session.bench(x, cfg.warmup, cfg.iterations, cfg.min_seconds)
+    return {
+        "latency/p50_ms": float(np.percentile(times, 50)),
+        "latency/p90_ms": float(np.percentile(times, 90)),
+        "latency/mean_ms": float(times.mean()),
+        "throughput/fps": float(1000.0 / times.mean()),
+        "latency/iterations": int(len(times)),
+        "system/loadavg_1m": float(os.getloadavg()[0]),
+    }
+
+
+def measure_static(artifact: Any, folder: Path, ctx: Any) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    """Everything that does not change between runs of the same artifact (cached with the stage):
+    the deployable for the target, its quality on held-out data, MACs, params and sizes."""
+    target, task = ctx.target, ctx.task
+    deployable = target.runtime.deployable(artifact, folder, task.output_names)
+    metrics: dict[str, Any] = {}
+    if artifact.kind == "torch":
+        metrics["macs"], metrics["params"] = count_macs(artifact.load_torch(), artifact.meta["input_shape"])
+    metrics.update(size_metrics(deployable.root, deployable.files))
+    batch = ctx.cfg.eval.batch_size
+    session = target.runtime.compile(deployable, target.device, batch)
+    q, tables = quality(session, batch, ctx.data, task, ctx.cfg.eval)
+    metrics.update(q)
+    return metrics, deployable, tables
+
+
+def measure_runtime(deployable: Any, ctx: Any, macs: float | None) -> dict[str, Any]:
+    """Re-measured on every build, never cached: latency on the compiled artifact and what ran."""
+    target = ctx.target
+    session = target.runtime.compile(deployable, target.device, 1)
+    metrics: dict[str, Any] = dict(session.runtime_info())
+    if ctx.cfg.eval.latency.enabled:
+        metrics.update(latency(session, deployable.meta["input_shape"], ctx.cfg.eval.latency))
+    metrics["latency/threads"] = int(target.cfg.threads)
+    metrics["latency/device"] = target.device
+    if target.is_proxy:
+        metrics["latency/proxy_device"] = target.device
+    precision = "int8" if metrics.get("int8/ops_fraction", 0) > 0.5 else "fp32"
+    weight_bytes = sum((deployable.root / f).stat().st_size for f in deployable.files)
+    est = target.estimate_ms(macs, weight_bytes, precision)
+    if est is not None:
+        metrics["latency/estimate_ms"] = est
+    return metrics

@@ -1,0 +1,324 @@
+"""build(cfg): the one orchestrator. Validate everything, then for each stage: cache or run,
+measure the same way, record, and finally package the deployable, check the budget, summarize."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgebuild import __version__
+from edgebuild.artifact import Artifact, write_json
+from edgebuild.cache import Cache, Entry, cache_key
+from edgebuild.errors import BudgetExceeded, EdgebuildError
+from edgebuild.stage import Stage, build_stage
+
+log = logging.getLogger(__name__)
+SOURCE = "model"  # the name stages use to refer to the recipe's model before any stage ran
+
+
+@dataclass
+class Context:
+    """What a stage may use. It writes only into `workdir`."""
+
+    cfg: Any
+    workdir: Path
+    data: Any
+    task: Any
+    target: Any
+    seed: int
+    input: Artifact | None = None
+    artifacts: dict[str, Artifact] = field(default_factory=dict)  # finished stages by name (+ "model")
+    logger: Any = None  # callable(name) -> Lightning logger bound to this stage's MLflow run, or None
+
+    def upstream(self, name: str) -> Artifact:
+        return self.artifacts[name]
+
+
+def plan(cfg: Any) -> list[tuple[str, Stage, str]]:
+    """Validate the stage graph before any work: kinds, options, inputs and references, tasks."""
+    stages: list[tuple[str, Stage, str]] = []
+    names: list[str] = []
+    for name, node in (cfg.stages or {}).items():
+        if node is None:  # `stages.export=null` switches a stage off
+            continue
+        stage = build_stage(name, node)
+        source = stage.input or (names[-1] if names else SOURCE)
+        for ref, role in [(source, "input"), *((r, "reference") for r in stage.references())]:
+            if ref != SOURCE and ref not in names:
+                later = ref in (cfg.stages or {})
+                raise EdgebuildError(
+                    f"stages.{name}: {role} {ref!r} " + ("comes later in the recipe" if later else "is not a stage"),
+                    f"name an earlier stage ({', '.join([SOURCE, *names])})",
+                )
+        if cfg.task.name not in stage.tasks:
+            raise EdgebuildError(f"stage {name!r} (kind {stage.kind}) does not apply to task {cfg.task.name}",
+                                 f"remove it from the recipe; it supports: {', '.join(stage.tasks)}")
+        stage.check(cfg)
+        stages.append((name, stage, source))
+        names.append(name)
+    if not stages:
+        raise EdgebuildError("the recipe has no stages", "add at least one stage under `stages:`")
+    return stages
+
+
+def _plain(node: Any) -> Any:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    else:
+        out[prefix[:-1]] = d
+    return out
+
+
+def git_info() -> dict[str, str]:
+    from edgebuild.config import ROOT
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"git_sha": git("rev-parse", "HEAD") or "unknown", "git_dirty": str(bool(git("status", "--porcelain")))}
+
+
+class Builder:
+    def __init__(self, cfg: Any, run_dir: Path, recipe: str):
+        from edgebuild.targets import make_target
+        from edgebuild.tasks import make_task
+
+        self.cfg, self.run_dir, self.recipe = cfg, Path(run_dir), recipe
+        self.stages = plan(cfg)
+        self.task = make_task(cfg.task)
+        self.target = make_target(cfg.target)
+        self.target.check()
+        self.cache = Cache(Path(cfg.cache.dir), enabled=cfg.cache.enabled, scratch=self.run_dir / "work")
+        self.data = self.task.datamodule(cfg.data, Path(cfg.cache.dir))
+        self.artifacts: dict[str, Artifact] = {}
+        self.measured: dict[str, dict[str, Any]] = {}
+        self.measure_entries: dict[str, Entry] = {}
+
+    # ------------------------------------------------------------------------------- keys
+    def _uses(self, section: str) -> Any:
+        cfg = self.cfg
+        return {
+            "data": self.data.fingerprint,
+            "task": _plain(cfg.task),
+            "trainer": {k: v for k, v in _plain(cfg.trainer).items() if k not in ("enable_progress_bar",)},
+            "calibration": _plain(cfg.data.calibration),
+            "target_format": self.target.format,
+            "target": {k: v for k, v in _plain(cfg.target).items() if k not in ("budget", "require_device")},
+        }[section]
+
+    def stage_key(self, stage: Stage, inputs: list[Artifact]) -> str:
+        return cache_key({"kind": stage.kind, "version": stage.version, "params": stage.params(),
+                          "inputs": [a.digest for a in inputs], "seed": self.cfg.seed,
+                          "uses": {s: self._uses(s) for s in stage.uses}})
+
+    def measure_key(self, artifact: Artifact) -> str:
+        target = {k: v for k, v in _plain(self.cfg.target).items() if k not in ("budget", "require_device", "spec")}
+        evalc = {k: v for k, v in _plain(self.cfg.eval).items() if k != "latency"}
+        return cache_key({"measure": 1, "artifact": artifact.digest, "target": target, "device": self.target.device,
+                          "eval": evalc, "data": self.data.fingerprint, "task": _plain(self.cfg.task)})
+
+    # ---------------------------------------------------------------------------- source
+    def source(self) -> Artifact:
+        """The recipe's model as an artifact (cached like a stage, keyed by its description)."""
+        from edgebuild.artifact import file_digest
+
+        model_cfg = _plain(self.cfg.model)
+        weights = self.cfg.model.weights
+        wdigest = file_digest(Path(weights).expanduser()) if weights and Path(weights).expanduser().exists() else weights
+        key = cache_key({"source": model_cfg, "weights": wdigest, "seed": self.cfg.seed, "task": _plain(self.cfg.task),
+                         "classes": self.data.num_classes, "input_shape": self.data.input_shape})
+
+        def produce(folder: Path) -> dict[str, Any]:
+            import torch
+
+            from edgebuild.models import build_model
+
+            torch.manual_seed(self.cfg.seed)
+            model = build_model(self.cfg.model, self.data)
+            self.task.check_model(model, self.data)
+            meta = {**self.data.meta(), **self.task.deploy_meta(), "model": self.cfg.model.name}
+            art = Artifact.save_torch(model, folder / "artifact", meta)
+            art.digest = key  # identified by its description: pickles of equal models may differ
+            return {"artifact": art.to_json(relative_to=folder)}
+
+        entry = self.cache.get(key) or self.cache.put(key, produce)
+        return Artifact.from_json(entry.record["artifact"], relative_to=entry.path)
+
+    # ----------------------------------------------------------------------------- stages
+    def run_stage(self, name: str, stage: Stage, source: str, srun: Any) -> tuple[Entry, Entry]:
+        inputs = [self.artifacts[source], *(self.artifacts[r] for r in stage.references())]
+        key = self.stage_key(stage, inputs)
+
+        def verify(path: Path, record: dict[str, Any]) -> bool:
+            return Artifact.from_json(record["artifact"], relative_to=path).verify()
+
+        def produce(folder: Path) -> dict[str, Any]:
+            ctx = Context(cfg=self.cfg, workdir=folder / "artifact", data=self.data, task=self.task, target=self.target,
+                          seed=self.cfg.seed, input=self.artifacts[source], artifacts=dict(self.artifacts),
+                          logger=srun.logger if srun.run_id else None)
+            ctx.workdir.mkdir(parents=True)
+            log.info("stage %s (%s): running", name, stage.kind)
+            t0 = time.perf_counter()
+            result = stage.run(ctx)
+            return {"artifact": result.artifact.to_json(relative_to=folder), "metrics": result.metrics,
+                    "files": result.files, "steps": result.steps, "notes": result.notes,
+                    "seconds": time.perf_counter() - t0, "key": key, "kind": stage.kind, "version": stage.version}
+
+        entry = self.cache.get(key, verify) or self.cache.put(key, produce)
+        artifact = Artifact.from_json(entry.record["artifact"], relative_to=entry.path)
+        measured = self.measure(artifact)
+        self.artifacts[name] = artifact
+        self.measure_entries[name] = measured
+        return entry, measured
+
+    def measure(self, artifact: Artifact) -> Entry:
+        from edgebuild.evaluate import measure_static
+
+        key = self.measure_key(artifact)
+
+        def verify(path: Path, record: dict[str, Any]) -> bool:
+            return Artifact.from_json(record["deployable"], relative_to=path).verify()
+
+        def produce(folder: Path) -> dict[str, Any]:
+            t0 = time.perf_counter()
+            metrics, deployable, tables = measure_static(artifact, folder / "deploy", self._measure_ctx())
+            if deployable.root != folder / "deploy":  # already in the target format: keep a copy beside
+                (folder / "deploy").mkdir(parents=True, exist_ok=True)
+                for f in deployable.files:
+                    shutil.copy2(deployable.root / f, folder / "deploy" / f)
+                deployable = Artifact(deployable.kind, folder / "deploy", deployable.files, deployable.meta)
+            write_json(folder / "tables.json", tables)
+            return {"deployable": deployable.to_json(relative_to=folder), "metrics": metrics,
+                    "seconds": time.perf_counter() - t0}
+
+        return self.cache.get(key, verify) or self.cache.put(key, produce)
+
+    def _measure_ctx(self) -> Context:
+        return Context(cfg=self.cfg, workdir=self.run_dir, data=self.data, task=self.task, target=self.target,
+                       seed=self.cfg.seed)
+
+    # ------------------------------------------------------------------------------ build
+    def build(self) -> dict[str, Any]:
+        from edgebuild import budget as budgets
+        from edgebuild import report
+        from edgebuild.evaluate import measure_runtime
+        from edgebuild.tracking import make_tracker
+
+        cfg = self.cfg
+        t_build = time.perf_counter()
+        tracker = make_tracker(cfg.tracking, cfg.tracking.experiment or f"edgebuild/{self.recipe}")
+        resolved = _plain(cfg)
+        tags = {"recipe": self.recipe, "edgebuild_version": __version__, "target": cfg.target.name,
+                "task": cfg.task.name, "status": "running", **git_info()}
+        summary: dict[str, Any] = {"recipe": self.recipe, "description": cfg.description, "target": cfg.target.name,
+                                   "target_info": self.target.describe(), "run_dir": str(self.run_dir), "stages": [],
+                                   "notes": [], **{k: v for k, v in tags.items() if k.startswith("git")}}
+        primary, drop_metric = self.task.primary_metric, self.task.drop_metric
+        reference: float | None = None
+        with tracker.build(self.recipe, flatten(resolved), tags) as parent:
+            summary["mlflow_run_id"] = parent.run_id
+            summary["mlflow_experiment"] = tracker.experiment
+            try:
+                self.artifacts["model"] = self.source()
+                previous_metrics: dict[str, Any] = {}
+                for name, stage, source in self.stages:
+                    t0 = time.perf_counter()
+                    with tracker.stage(name, {"kind": stage.kind, "stage_version": stage.version}) as srun:
+                        entry, measured = self.run_stage(name, stage, source, srun)
+                        deployable = Artifact.from_json(measured.record["deployable"], relative_to=measured.path)
+                        metrics: dict[str, Any] = dict(measured.record["metrics"])
+                        input_metrics = self.measured.get(source, previous_metrics)
+                        for inherited in ("macs", "params"):  # runtime formats keep the counts of their source
+                            if inherited not in metrics and inherited in input_metrics:
+                                metrics[inherited] = input_metrics[inherited]
+                        metrics.update(entry.record["metrics"])
+                        metrics.update(measure_runtime(deployable, self._measure_ctx(), metrics.get("macs")))
+                        if primary in metrics:
+                            reference = metrics[primary] if reference is None else reference
+                            metrics[drop_metric] = (reference - metrics[primary]) * 100.0
+                        seconds = time.perf_counter() - t0
+                        metrics["stage/seconds"] = seconds
+                        metrics["stage/build_seconds"] = entry.record.get("seconds", 0.0)
+                        srun.record(metrics, params=flatten({"stage": {"name": name, "input": source, **stage.params()}}),
+                                    tags={"cache_hit": str(entry.hit).lower(), "cache_key": entry.key},
+                                    files={"tables": measured.path / "tables.json"},
+                                    folders={"model": deployable.root} if cfg.tracking.log_model else None)
+                        for step in entry.record.get("steps", []):
+                            with srun.child(f"{name}/{step.get('name', 'step')}") as child:
+                                child.record(step.get("metrics", {}), params=step.get("params"))
+                    self.measured[name] = metrics
+                    previous_metrics = metrics
+                    summary["notes"] += [f"{name}: {n}" for n in entry.record.get("notes", [])]
+                    summary["stages"].append({
+                        "name": name, "kind": stage.kind, "input": source, "cache_hit": entry.hit,
+                        "seconds": seconds, "artifact": str(entry.path / entry.record["artifact"]["root"]),
+                        "deployable": str(deployable.root), "cache_key": entry.key, "metrics": metrics,
+                    })
+                final_name = self.stages[-1][0]
+                deploy_dir = self.package(final_name)
+                summary["deploy"] = str(deploy_dir)
+                if self.target.is_proxy:
+                    summary["notes"].append(f"target device {cfg.target.device} is not on this machine: latency was "
+                                            f"measured on the CPU as a proxy (latency/proxy_device)")
+                final = summary["stages"][-1]["metrics"]
+                summary["budget"] = budgets.check(final, [("recipe", cfg.budget), ("target", cfg.target.budget)])
+                summary["seconds"] = time.perf_counter() - t_build
+                path = report.write(summary, self.run_dir)
+                status = "ok" if summary["budget"]["ok"] else "budget_violated"
+                tracker.set_tags({"status": status, "budget_ok": summary["budget"]["ok"]})
+                parent.record({"budget/ok": summary["budget"]["ok"], "build/seconds": summary["seconds"]},
+                              files={"summary": path, "summary_md": path.with_suffix(".md")},
+                              folders={"deploy": deploy_dir} if cfg.tracking.log_model else None)
+            except BaseException as e:
+                tracker.set_tags({"status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"})
+                raise
+        report.print_summary(summary, path)
+        if not summary["budget"]["ok"]:
+            raise BudgetExceeded(summary)
+        return summary
+
+    def package(self, name: str) -> Path:
+        """The final deployable: model files plus model.json, runnable without edgebuild."""
+        measured = self.measure_entries[name]
+        deployable = Artifact.from_json(measured.record["deployable"], relative_to=measured.path)
+        out = self.run_dir / "deploy"
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        for f in deployable.files:
+            shutil.copy2(deployable.root / f, out / f)
+        meta = deployable.meta
+        metrics = self.measured[name]
+        model_json = {
+            "format": deployable.kind, "files": deployable.files, "input_name": "input",
+            "input_shape": meta["input_shape"], "layout": meta.get("layout", "NCHW"),
+            "preprocess": {"scale": meta.get("scale", 255.0), "mean": meta.get("mean"), "std": meta.get("std"),
+                           "formula": "x = (pixels / scale - mean) / std, per channel"},
+            "class_names": meta.get("class_names"), "task": meta.get("task"), "outputs": meta.get("outputs"),
+            "postprocess": meta.get("postprocess"), "precision": metrics.get("runtime/precision"),
+            "target": self.target.describe(), "recipe": self.recipe, "stage": name, "edgebuild_version": __version__,
+            **{k: v for k, v in meta.items() if k.startswith("deploy_")},
+        }
+        (out / "model.json").write_text(json.dumps(model_json, indent=2, default=str))
+        return out
+
+
+def build(cfg: Any, run_dir: Path, recipe: str) -> dict[str, Any]:
+    return Builder(cfg, run_dir, recipe).build()

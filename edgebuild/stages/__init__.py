@@ -1,0 +1,1 @@
+"""Stage implementations; the registry of kinds lives in edgebuild.stage.REGISTRY."""

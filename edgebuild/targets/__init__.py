@@ -1,0 +1,79 @@
+"""Targets: where a deployable runs. A target converts artifacts to its runtime's format, compiles
+them at an explicit inference precision, says which precision actually ran, measures latency on the
+compiled artifact, and estimates latency from its hardware spec (roofline)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+from edgebuild.errors import EdgebuildError
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = {
+    "openvino": "edgebuild.targets.openvino:OpenVINORuntime",
+    "onnxruntime": "edgebuild.targets.onnxruntime:ONNXRuntime",
+}
+
+
+class Target:
+    def __init__(self, cfg: Any):
+        if cfg.runtime not in RUNTIMES:
+            raise EdgebuildError(f"unknown runtime {cfg.runtime!r} in target {cfg.name!r}",
+                                 f"use target.runtime= one of: {', '.join(RUNTIMES)}")
+        module, cls = RUNTIMES[cfg.runtime].split(":")
+        self.cfg = cfg
+        self.runtime = getattr(importlib.import_module(module), cls)(cfg)
+        self._device: str | None = None
+
+    @property
+    def format(self) -> str:
+        return self.runtime.format
+
+    @property
+    def device(self) -> str:
+        """The device measurements run on: the target's own, or the CPU as a stated proxy."""
+        if self._device is None:
+            available = self.runtime.available_devices()
+            wanted = self.cfg.device
+            if any(d == wanted or d.startswith(wanted + ".") for d in available):
+                self._device = wanted
+            elif self.cfg.require_device:
+                raise EdgebuildError(
+                    f"target {self.cfg.name!r} requires device {wanted}, but this machine has only {available}",
+                    "run on a machine with that device, or drop target.require_device=true to measure on the CPU as a proxy",
+                )
+            else:
+                log.warning("target %s: device %s is not present (have %s); latency is measured on the CPU as "
+                            "a proxy and estimated from the target's spec", self.cfg.name, wanted, available)
+                self._device = "CPU"
+        return self._device
+
+    @property
+    def is_proxy(self) -> bool:
+        return self.device != self.cfg.device
+
+    def check(self) -> None:
+        """Fail early (before any work) when the target cannot be used."""
+        _ = self.device
+
+    def estimate_ms(self, macs: float | None, weight_bytes: float | None, precision: str) -> float | None:
+        """Roofline: max(compute time at peak MAC/s, time to move the weights at the memory bandwidth)."""
+        spec = self.cfg.spec
+        peak = (spec.peak_macs_per_s or {}).get(precision) or (spec.peak_macs_per_s or {}).get("fp32")
+        times = []
+        if peak and macs:
+            times.append(macs / peak)
+        if spec.memory_bandwidth_bytes_per_s and weight_bytes:
+            times.append(weight_bytes / spec.memory_bandwidth_bytes_per_s)
+        return max(times) * 1000.0 if times else None
+
+    def describe(self) -> dict[str, Any]:
+        return {"target": self.cfg.name, "runtime": self.cfg.runtime, "device": self.cfg.device,
+                "measured_on": self.device, "precision_hint": self.cfg.precision, "threads": self.cfg.threads}
+
+
+def make_target(cfg: Any) -> Target:
+    return Target(cfg)
