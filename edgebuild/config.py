@@ -182,7 +182,31 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="edgebuild_schema", node=Config)
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
-        cs.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
+        recipe = OmegaConf.load(path)
+        for name, node in (recipe.get("stages") or {}).items():
+            recipe.stages[name] = typed_stage(node)
+        cs.store(group="recipe", name=path.stem, node=recipe, package="_global_")
+
+
+def typed_stage(node: Any) -> Any:
+    """A recipe's stage node merged onto its stage's dataclass: every option is present (so
+    `stages.train.epochs=3` overrides it even when the recipe relies on the default), typed, and an
+    unknown key fails at compose time. Nodes that do not validate stay as written; the build's plan
+    reports them with the stage's name."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from edgebuild.stage import REGISTRY, stage_class
+
+    if not isinstance(node, DictConfig) or node.get("kind") not in REGISTRY:
+        return node
+    values = OmegaConf.to_container(node, resolve=False)
+    kind = values.pop("kind")
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(stage_class(kind)), values)
+    except OmegaConfBaseException:
+        return node
+    return OmegaConf.merge(OmegaConf.create({"kind": kind}), typed)
 
 
 def instantiate(node: Any, **kwargs: Any) -> Any:
