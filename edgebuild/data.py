@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import tarfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -41,6 +42,7 @@ class Source:
     signature: str  # identifies the raw data (enters the data fingerprint)
     pool: Labelled | None = None
     splits: dict[str, Labelled] | None = None
+    load: Callable[[], Source] | None = None  # decode later: a fully cached build never needs the pixels
 
 
 def _resize(images: np.ndarray, size: int, channels: int) -> np.ndarray:
@@ -67,13 +69,17 @@ def _resize(images: np.ndarray, size: int, channels: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------- sources
 def digits_source(cfg: Any, cache_dir: Path) -> Source:
-    import sklearn
-    from sklearn.datasets import load_digits
+    from importlib.metadata import version
 
-    d = load_digits()
-    images = (d.images * (255.0 / 16.0)).round().astype(np.uint8)[:, None]
-    return Source(class_names=[str(c) for c in d.target_names], signature=f"sklearn-digits-{sklearn.__version__}",
-                  pool=Labelled(images, d.target.astype(np.int64)))
+    def load() -> Source:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        images = (d.images * (255.0 / 16.0)).round().astype(np.uint8)[:, None]
+        return Source(names, signature, pool=Labelled(images, d.target.astype(np.int64)))
+
+    names, signature = [str(c) for c in range(10)], f"sklearn-digits-{version('scikit-learn')}"
+    return Source(names, signature, load=load)
 
 
 def synthetic_source(cfg: Any, cache_dir: Path) -> Source:
@@ -173,6 +179,10 @@ def imagefolder_source(cfg: Any, cache_dir: Path) -> Source:
         raise EdgebuildError(f"class folder(s) {', '.join(empty)} under {root} hold no images",
                              "add images to them or remove the empty folders")
 
+    return Source(names, signature, load=lambda: _decode_folder(cfg, cache_dir, names, signature, images_, parse))
+
+
+def _decode_folder(cfg: Any, cache_dir: Path, names: list[str], signature: str, images_: list, parse: Callable) -> Source:
     decoded = cache_dir / "decoded" / hashlib.sha256(f"{signature}|{cfg.image_size}|{cfg.channels}".encode()).hexdigest()
     npz = decoded.with_suffix(".npz")
     if npz.exists():
@@ -193,7 +203,7 @@ def imagefolder_source(cfg: Any, cache_dir: Path) -> Source:
             ys.append(index[cls])
         per = {s: Labelled(np.stack(x), np.asarray(y, dtype=np.int64)) for s, (x, y) in buckets.items()}
         npz.parent.mkdir(parents=True, exist_ok=True)
-        tmp = npz.with_suffix(f".tmp{np.random.randint(1 << 30)}.npz")
+        tmp = npz.with_suffix(f".tmp{uuid.uuid4().hex}.npz")
         np.savez(tmp, splits=np.array(list(per)), **{f"{s}_x": v.images for s, v in per.items()},
                  **{f"{s}_y": v.labels for s, v in per.items()})
         tmp.replace(npz)
@@ -205,20 +215,25 @@ def imagefolder_source(cfg: Any, cache_dir: Path) -> Source:
 
 def cifar10_source(cfg: Any, cache_dir: Path) -> Source:
     """torchvision's CIFAR10 from a local copy (data.root); never downloads."""
-    from torchvision.datasets import CIFAR10
-
     root = Path(cfg.root or "~/.cache/torchvision").expanduser()
-    try:
+    if not (root / "cifar-10-batches-py").is_dir():
+        raise EdgebuildError(f"CIFAR-10 not found under {root} (no cifar-10-batches-py folder)",
+                             "set data.root to the folder holding cifar-10-batches-py, or use data=imagefolder")
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+    def load() -> Source:
+        from torchvision.datasets import CIFAR10
+
         train = CIFAR10(str(root), train=True, download=False)
         test = CIFAR10(str(root), train=False, download=False)
-    except RuntimeError as e:
-        raise EdgebuildError(f"CIFAR-10 not found under {root}: {e}",
-                             "set data.root to the folder holding cifar-10-batches-py, or use data=imagefolder") from None
-    pool = Labelled(_resize(train.data.transpose(0, 3, 1, 2), cfg.image_size, cfg.channels),
-                    np.asarray(train.targets, dtype=np.int64))
-    held = Labelled(_resize(test.data.transpose(0, 3, 1, 2), cfg.image_size, cfg.channels),
-                    np.asarray(test.targets, dtype=np.int64))
-    return Source(list(train.classes), f"cifar10:{root.resolve()}", pool=pool, splits={"test": held})
+        pool = Labelled(_resize(train.data.transpose(0, 3, 1, 2), cfg.image_size, cfg.channels),
+                        np.asarray(train.targets, dtype=np.int64))
+        held = Labelled(_resize(test.data.transpose(0, 3, 1, 2), cfg.image_size, cfg.channels),
+                        np.asarray(test.targets, dtype=np.int64))
+        return Source(names, signature, pool=pool, splits={"test": held})
+
+    signature = f"cifar10:{root.resolve()}"
+    return Source(names, signature, load=load)
 
 
 SOURCES: dict[str, Callable[[Any, Path], Source]] = {
@@ -252,23 +267,30 @@ class DataModule:
             raise EdgebuildError(f"unknown data source {cfg.name!r}", f"use data= one of: {', '.join(sorted(SOURCES))}")
         if len(cfg.mean) != cfg.channels or len(cfg.std) != cfg.channels:
             raise EdgebuildError(f"data.mean/std need {cfg.channels} values (data.channels), got {list(cfg.mean)} / {list(cfg.std)}")
-        source = SOURCES[cfg.name](cfg, Path(cache_dir) / "data")
-        self.class_names = source.class_names
-        splits = dict(source.splits or {})
-        if source.pool is not None:
-            # a held-out test split that came with the data stays; the pool gives train and val
-            test_frac = 0.0 if "test" in splits else cfg.split.test
-            pool = self._limit(source.pool, cfg.limit)
-            parts = _split_pool(pool, cfg.split.val, test_frac, cfg.split.seed)
-            splits = {**parts, **splits} if "test" in splits else parts
-        self.splits = {k: v for k, v in splits.items()}
-        for s in SPLITS:
-            if s not in self.splits or len(self.splits[s].labels) == 0:
-                raise EdgebuildError(f"data split {s!r} is empty ({cfg.name})",
-                                     "use more images or larger data.split fractions")
+        self._source = SOURCES[cfg.name](cfg, Path(cache_dir) / "data")
+        self.class_names = self._source.class_names
+        self._splits: dict[str, Labelled] | None = None
         key = {k: v for k, v in _plain(cfg).items() if k not in ("batch_size", "num_workers", "calibration")}
-        self.fingerprint = hashlib.sha256(json.dumps([source.signature, key], sort_keys=True).encode()).hexdigest()
+        self.fingerprint = hashlib.sha256(json.dumps([self._source.signature, key], sort_keys=True).encode()).hexdigest()
         self.input_shape = [1, cfg.channels, cfg.image_size, cfg.image_size]
+
+    @property
+    def splits(self) -> dict[str, Labelled]:
+        if self._splits is None:
+            source = self._source.load() if self._source.load else self._source
+            splits = dict(source.splits or {})
+            if source.pool is not None:
+                # a held-out test split that came with the data stays; the pool gives train and val
+                test_frac = 0.0 if "test" in splits else self.cfg.split.test
+                pool = self._limit(source.pool, self.cfg.limit)
+                parts = _split_pool(pool, self.cfg.split.val, test_frac, self.cfg.split.seed)
+                splits = {**parts, **splits} if "test" in splits else parts
+            for s in SPLITS:
+                if s not in splits or len(splits[s].labels) == 0:
+                    raise EdgebuildError(f"data split {s!r} is empty ({self.cfg.name})",
+                                         "use more images or larger data.split fractions")
+            self._splits = splits
+        return self._splits
 
     @staticmethod
     def _limit(pool: Labelled, limit: int | None) -> Labelled:
