@@ -1,0 +1,43 @@
+"""Measurement primitives: MACs (one per multiply-add), params, sizes."""
+
+import pytest
+import torch
+from torch import nn
+
+from edgebuild.evaluate import count_macs, size_metrics
+
+
+def test_textbook_conv_macs():
+    conv = nn.Conv2d(3, 128, 3, bias=False)
+    assert count_macs(conv, [1, 3, 10, 10]) == (221_184, 3 * 3 * 3 * 128)
+
+
+def test_textbook_depthwise_separable_macs():
+    separable = nn.Sequential(nn.Conv2d(3, 3, 3, groups=3, bias=False), nn.Conv2d(3, 128, 1, bias=False))
+    macs, params = count_macs(separable, [1, 3, 10, 10])
+    assert macs == 26_304
+    assert params == 3 * 9 + 3 * 128
+
+
+def test_torchvision_mobilenet_v2_matches_published_counts():
+    import torchvision
+
+    macs, params = count_macs(torchvision.models.mobilenet_v2(), [1, 3, 224, 224])
+    assert macs == pytest.approx(300.8e6, rel=0.002)
+    assert params == pytest.approx(3.50e6, rel=0.002)
+
+
+def test_count_is_at_batch_one_whatever_the_shape_says():
+    conv = nn.Conv2d(3, 128, 3, bias=False)
+    assert count_macs(conv, [8, 3, 10, 10])[0] == 221_184
+
+
+def test_zip_size_sees_zeros(tmp_path):
+    torch.manual_seed(0)
+    dense, sparse = torch.randn(50_000), torch.randn(50_000)
+    sparse[torch.rand(50_000) < 0.9] = 0
+    (tmp_path / "dense.bin").write_bytes(dense.numpy().tobytes())
+    (tmp_path / "sparse.bin").write_bytes(sparse.numpy().tobytes())
+    d, s = size_metrics(tmp_path, ["dense.bin"]), size_metrics(tmp_path, ["sparse.bin"])
+    assert d["size/bytes"] == s["size/bytes"] == 200_000
+    assert s["size/zip_bytes"] < d["size/zip_bytes"] / 3
