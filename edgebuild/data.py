@@ -101,7 +101,7 @@ def _decode(data: bytes, where: str) -> np.ndarray:
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise EdgebuildError(f"cannot read image {where}: {e}",
                              "remove or replace the corrupt file (every image in the folder is used)") from None
