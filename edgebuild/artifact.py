@@ -92,7 +92,10 @@ class Artifact:
         import torch
 
         if self.kind != "torch":
-            raise TypeError(f"artifact is {self.kind}, not torch")
+            from edgebuild.errors import EdgebuildError
+
+            raise EdgebuildError(f"this stage needs a torch model, but its input is already {self.kind}",
+                                 "set the stage's `input:` to a stage that outputs a torch model (train, prune, ...)")
         model = torch.load(self.main_file, weights_only=False)  # trusted: edgebuild's own cache
         model.eval()
         return model

@@ -1,0 +1,42 @@
+"""The design's load-bearing lines, as tests."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+PACKAGE = ROOT / "edgebuild"
+
+
+def sources():
+    return {p: p.read_text() for p in PACKAGE.rglob("*.py")}
+
+
+def test_import_edgebuild_loads_no_heavy_library():
+    code = "import sys, edgebuild, edgebuild.config, edgebuild.stage, edgebuild.pipeline; " \
+           "print(' '.join(m for m in ('torch','openvino','nncf','mlflow','onnxruntime','pytorch_lightning') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_only_tracking_imports_mlflow():
+    importers = {p.name for p, text in sources().items() if re.search(r"^\s*(import mlflow|from mlflow)", text, re.M)}
+    assert importers == {"tracking.py"}
+
+
+def test_stages_never_import_tracking():
+    for p in (PACKAGE / "stages").glob("*.py"):
+        assert not re.search(r"(from|import) [.a-z_]*tracking", p.read_text()), p
+
+
+def test_one_helper_calls_instantiate():
+    callers = {p.name for p, text in sources().items() if re.search(r"hydra\.utils import .*instantiate|hydra\.utils\.instantiate", text)}
+    assert callers == {"config.py"}
+
+
+def test_every_torch_load_states_weights_only():
+    for p, text in sources().items():
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=" in call, (p, call)
