@@ -278,7 +278,11 @@ class DataModule:
     def splits(self) -> dict[str, Labelled]:
         if self._splits is None:
             source = self._source.load() if self._source.load else self._source
-            splits = dict(source.splits or {})
+            size, channels = self.cfg.image_size, self.cfg.channels
+            fit = lambda d: d if d.images.shape[1:] == (channels, size, size) else Labelled(  # noqa: E731
+                _resize(d.images, size, channels), d.labels)
+            source.pool = fit(source.pool) if source.pool is not None else None
+            splits = {k: fit(v) for k, v in (source.splits or {}).items()}
             if source.pool is not None:
                 # a held-out test split that came with the data stays; the pool gives train and val
                 test_frac = 0.0 if "test" in splits else self.cfg.split.test
