@@ -42,6 +42,16 @@ class Classification:
             raise EdgebuildError(f"model outputs {out.shape[1]} classes, the data has {dm.num_classes}",
                                  "set model.num_classes to the data's class count (or leave it unset)")
 
+    def output_layers(self, model: Any) -> list[Any]:
+        """The modules producing the outputs (the final classifier: the last Linear, else the last
+        conv of a fully convolutional classifier). Compression stages leave them alone by default:
+        pruning them would remove classes."""
+        from torch import nn
+
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+        return (linears or convs)[-1:]
+
     # ------------------------------------------------------------------------------ training
     def loss(self, outputs: Any, targets: Any) -> Any:
         import torch.nn.functional as F
