@@ -1,5 +1,8 @@
 """`python -m edgebuild recipe=NAME [overrides] [-m]`: compose with Hydra, build, report.
 
+In a multirun (-m) every job is tagged with one `sweep_id` and returns its `sweep.objectives`
+(what the Optuna sweeper optimizes); `edgebuild.sweep.SweepEnd` records the Pareto front at the end.
+
 Exit codes: 0 built and within budget; 1 budget violated (artifacts and runs are kept as evidence)
 or a Hydra compose error; 2 a problem edgebuild detected (message names it and the fix);
 130 interrupted (finished stages stay cached).
@@ -21,11 +24,12 @@ QUIET = ("pytorch_lightning", "pytorch_lightning.utilities.rank_zero", "lightnin
          "lightning_fabric", "lightning.fabric.utilities.rank_zero", "nncf", "alembic", "mlflow")
 
 
-def run(cfg: Any) -> dict[str, Any] | None:
+def run(cfg: Any) -> dict[str, Any] | list[float]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     from edgebuild.pipeline import build
+    from edgebuild.sweep import objective_values, sweep_id
 
     for name in QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -33,22 +37,31 @@ def run(cfg: Any) -> dict[str, Any] | None:
     hc = HydraConfig.get()
     recipe = hc.runtime.choices.get("recipe", "default")
     multirun = hc.mode == RunMode.MULTIRUN
+    tags = {"sweep_id": sweep_id(str(hc.sweep.dir)), "sweep_job": hc.job.num} if multirun else {}
     try:
-        return build(cfg, Path(hc.runtime.output_dir), recipe)
+        summary = build(cfg, Path(hc.runtime.output_dir), recipe, tags)
     except EdgebuildError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"\nedgebuild: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except BudgetExceeded:
+    except BudgetExceeded as e:
         print("\nedgebuild: budget violated (see the table above); artifacts and runs are kept", file=sys.stderr)
         if not multirun:  # in a sweep, one job over budget must not stop the others
             sys.exit(BudgetExceeded.exit_code)
-        return None
+        summary = e.args[0]  # its numbers still inform the search
     except KeyboardInterrupt:
         print("\nedgebuild: interrupted; finished stages stay cached and the next build resumes from them",
               file=sys.stderr)
         sys.exit(130)
+    if not multirun:
+        return summary
+    print(f"sweep id: {tags['sweep_id']}")
+    try:  # the sweeper (Optuna) optimizes what the task function returns
+        return objective_values(summary, list(cfg.sweep.objectives))
+    except EdgebuildError as e:
+        print(f"\nedgebuild: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 def main() -> None:

@@ -120,11 +120,21 @@ class LatencyConf:
 
 
 @dataclass
+class ProfileConf:
+    # opt-in (a PERF_COUNT compile + runs per stage): per-layer times on the runtime, and image
+    # decode/resize/normalize vs inference for the deployable (edgebuild/profile.py)
+    enabled: bool = False
+    top: int = 10  # layers listed, slowest first
+    images: int = 50  # images timed for preprocessing vs inference
+
+
+@dataclass
 class EvalConf:
     split: str = "test"
     batch_size: int = 64
     limit: Optional[int] = None  # evaluate on at most this many samples
     latency: LatencyConf = field(default_factory=LatencyConf)
+    profile: ProfileConf = field(default_factory=ProfileConf)
 
 
 @dataclass
@@ -158,6 +168,13 @@ class CacheConf:
 
 
 @dataclass
+class SweepConf:
+    # what each multirun job returns to the sweeper (Optuna) and what the Pareto front is computed
+    # over: "metric:max" or "metric:min", read from the final stage's metrics
+    objectives: List[str] = field(default_factory=lambda: ["acc/top1:max", "latency/p50_ms:min"])
+
+
+@dataclass
 class Config:
     description: str = ""
     seed: int = 0
@@ -170,6 +187,7 @@ class Config:
     eval: EvalConf = field(default_factory=EvalConf)
     budget: BudgetConf = field(default_factory=BudgetConf)
     cache: CacheConf = field(default_factory=CacheConf)
+    sweep: SweepConf = field(default_factory=SweepConf)
     # named stages, run in declared order; each is validated against its stage's dataclass
     stages: Dict[str, Any] = field(default_factory=dict)
 

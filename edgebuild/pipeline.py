@@ -96,11 +96,12 @@ def git_info() -> dict[str, str]:
 
 
 class Builder:
-    def __init__(self, cfg: Any, run_dir: Path, recipe: str):
+    def __init__(self, cfg: Any, run_dir: Path, recipe: str, tags: dict[str, Any] | None = None):
         from edgebuild.targets import make_target
         from edgebuild.tasks import make_task
 
         self.cfg, self.run_dir, self.recipe = cfg, Path(run_dir), recipe
+        self.extra_tags = dict(tags or {})  # e.g. the sweep id of a multirun
         self.stages = plan(cfg)
         self.task = make_task(cfg.task)
         self.target = make_target(cfg.target)
@@ -217,7 +218,7 @@ class Builder:
     # ------------------------------------------------------------------------------ build
     def build(self) -> dict[str, Any]:
         from edgebuild import budget as budgets
-        from edgebuild import report
+        from edgebuild import summary as summaries
         from edgebuild.evaluate import measure_runtime
         from edgebuild.tracking import make_tracker
 
@@ -226,10 +227,13 @@ class Builder:
         tracker = make_tracker(cfg.tracking, cfg.tracking.experiment or f"edgebuild/{self.recipe}")
         resolved = _plain(cfg)
         tags = {"recipe": self.recipe, "edgebuild_version": __version__, "target": cfg.target.name,
-                "task": cfg.task.name, "status": "running", **git_info()}
+                "task": cfg.task.name, "status": "running", **git_info(),
+                "seed": cfg.seed, "data_fingerprint": self.data.fingerprint, **summaries.environment(),
+                **self.extra_tags}
         summary: dict[str, Any] = {"recipe": self.recipe, "description": cfg.description, "target": cfg.target.name,
                                    "target_info": self.target.describe(), "run_dir": str(self.run_dir), "stages": [],
-                                   "notes": [], **{k: v for k, v in tags.items() if k.startswith("git")}}
+                                   "notes": [], **{k: v for k, v in tags.items() if k.startswith("git")},
+                                   "provenance": {k: v for k, v in tags.items() if k != "status"}}
         primary, drop_metric = self.task.primary_metric, self.task.drop_metric
         reference: float | None = None
         with tracker.build(self.recipe, flatten(resolved), tags) as parent:
@@ -250,6 +254,13 @@ class Builder:
                                 metrics[inherited] = input_metrics[inherited]
                         metrics.update(entry.record["metrics"])
                         metrics.update(measure_runtime(deployable, self._measure_ctx(), metrics.get("macs")))
+                        profile_file = None
+                        if cfg.eval.profile.enabled:  # opt-in: per-layer times, preprocessing vs inference
+                            from edgebuild import profile
+
+                            profile_file, profiled = profile.run(deployable, self._measure_ctx(),
+                                                                 self.run_dir / "profile" / f"{name}.json")
+                            metrics.update(profiled)
                         if primary in metrics:
                             reference = metrics[primary] if reference is None else reference
                             metrics[drop_metric] = (reference - metrics[primary]) * 100.0
@@ -260,6 +271,8 @@ class Builder:
                                     tags={"cache_hit": str(entry.hit).lower(), "cache_key": entry.key},
                                     files={"tables": measured.path / "tables.json"},
                                     folders={"model": deployable.root} if cfg.tracking.log_model else None)
+                        if profile_file:
+                            srun.record({}, files={"profile": profile_file})
                         for step in entry.record.get("steps", []):
                             with srun.child(f"{name}/{step.get('name', 'step')}") as child:
                                 child.record(step.get("metrics", {}), params=step.get("params"))
@@ -280,7 +293,7 @@ class Builder:
                 final = summary["stages"][-1]["metrics"]
                 summary["budget"] = budgets.check(final, [("recipe", cfg.budget), ("target", cfg.target.budget)])
                 summary["seconds"] = time.perf_counter() - t_build
-                path = report.write(summary, self.run_dir)
+                path = summaries.write(summary, self.run_dir)
                 status = "ok" if summary["budget"]["ok"] else "budget_violated"
                 tracker.set_tags({"status": status, "budget_ok": summary["budget"]["ok"]})
                 parent.record({"budget/ok": summary["budget"]["ok"], "build/seconds": summary["seconds"]},
@@ -289,7 +302,7 @@ class Builder:
             except BaseException as e:
                 tracker.set_tags({"status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"})
                 raise
-        report.print_summary(summary, path)
+        summaries.print_summary(summary, path)
         if not summary["budget"]["ok"]:
             raise BudgetExceeded(summary)
         return summary
@@ -320,5 +333,5 @@ class Builder:
         return out
 
 
-def build(cfg: Any, run_dir: Path, recipe: str) -> dict[str, Any]:
-    return Builder(cfg, run_dir, recipe).build()
+def build(cfg: Any, run_dir: Path, recipe: str, tags: dict[str, Any] | None = None) -> dict[str, Any]:
+    return Builder(cfg, run_dir, recipe, tags).build()

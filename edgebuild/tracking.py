@@ -94,7 +94,14 @@ class Tracker:
     def start(self) -> None:
         import mlflow
 
+        check_reachable(self.uri)
         mlflow.set_tracking_uri(self.uri)
+        with _store_lock(self.uri):
+            self._open_experiment()
+
+    def _open_experiment(self) -> None:
+        import mlflow
+
         try:
             exp = mlflow.get_experiment_by_name(self.experiment)
             if exp is None:
@@ -192,9 +199,117 @@ def write_temp_json(data: Any, name: str) -> Path:
     return path
 
 
-def search_runs(uri: str, **kwargs: Any) -> Any:
-    """Read recorded runs back (reports, paper tables)."""
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Parallel sweep jobs opening a new SQLite store would both run MLflow's schema migrations and
+    collide ("duplicate column"): one process at a time creates the store and the experiment."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """A tracking server that does not answer fails the build at its start, in seconds (MLflow's own
+    client would retry with backoff for minutes), before any stage ran."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except (urllib.error.URLError, OSError) as e:
+        raise EdgebuildError(f"cannot reach the MLflow tracking server {uri}: {getattr(e, 'reason', e)}",
+                             "start it (mlflow server --host HOST --port PORT), fix tracking.uri, or run with "
+                             "tracking=none") from None
+
+
+# ------------------------------------------------------------------------------ reading runs back
+SWEEP_RUN_TAG = "sweep_level"  # marks the run holding a sweep's Pareto front (not a build)
+
+
+def _client(uri: str) -> Any:
     import mlflow
 
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
-    return mlflow.search_runs(**kwargs)
+    return mlflow.MlflowClient(uri)
+
+
+def _as_dict(run: Any, experiment: str) -> dict[str, Any]:
+    return {"run_id": run.info.run_id, "name": run.info.run_name, "experiment": experiment,
+            "status": run.info.status, "start_time": run.info.start_time, "end_time": run.info.end_time,
+            "tags": {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")},
+            "parent": run.data.tags.get("mlflow.parentRunId"),
+            "params": dict(run.data.params), "metrics": dict(run.data.metrics)}
+
+
+def read_builds(uri: str, experiments: list[str] | None = None, sweep: str | None = None,
+                run_ids: list[str] | None = None) -> list[dict[str, Any]]:
+    """Recorded builds (parent runs) with their stage runs in execution order, oldest build first.
+    Select by experiment names, a sweep id, or parent run ids; nothing selected = every build."""
+    client = _client(uri)
+    exps = {e.experiment_id: e.name for e in client.search_experiments()}
+    if experiments:
+        unknown = [n for n in experiments if n not in exps.values()]
+        if unknown:
+            raise EdgebuildError(f"no MLflow experiment named {', '.join(unknown)} in {uri}",
+                                 f"use one of: {', '.join(sorted(exps.values())) or '(none recorded yet)'}")
+        exps = {i: n for i, n in exps.items() if n in experiments}
+    if run_ids:
+        from mlflow.exceptions import MlflowException
+
+        found = []
+        for rid in run_ids:
+            try:
+                found.append(client.get_run(rid))
+            except MlflowException:
+                raise EdgebuildError(f"no MLflow run {rid} in {uri}",
+                                     "copy run ids from summary.json (mlflow_run_id) or the MLflow UI") from None
+        exps = {r.info.experiment_id: exps.get(r.info.experiment_id, "?") for r in found}
+    runs = [_as_dict(r, exps[r.info.experiment_id])
+            for r in client.search_runs(list(exps), max_results=50000)] if exps else []
+    parents = [r for r in runs if r["parent"] is None and SWEEP_RUN_TAG not in r["tags"]]
+    if sweep:
+        parents = [r for r in parents if r["tags"].get("sweep_id") == sweep]
+    if run_ids:
+        parents = [r for r in parents if r["run_id"] in run_ids]
+    if not parents:
+        what = f"sweep {sweep}" if sweep else "those runs" if run_ids else "the selected experiments"
+        raise EdgebuildError(f"no recorded builds for {what} in {uri}",
+                             "check --uri and the sweep id / experiment / run ids (the MLflow UI lists them)")
+    for build in parents:
+        build["stages"] = sorted((r for r in runs if r["parent"] == build["run_id"]), key=lambda r: r["start_time"])
+    return sorted(parents, key=lambda r: r["start_time"])
+
+
+def download(uri: str, run_id: str, path: str, into: Path) -> Path | None:
+    """One artifact file or folder of a run, copied into `into`; None when the run has none there."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    try:
+        if not client.list_artifacts(run_id, path):
+            return None
+        return Path(client.download_artifacts(run_id, path, str(into)))
+    except (MlflowException, OSError):
+        return None
+
+
+def log_sweep_run(cfg: Any, experiment: str, sweep: str, metrics: dict[str, float], files: dict[str, Path]) -> str:
+    """The sweep-level run: the Pareto front (plot, table) and the sweep's report, tagged with its id."""
+    tracker = Tracker(cfg, experiment)
+    tracker.start()
+    with tracker._run(f"sweep-{sweep}", nested=False, tags={"sweep_id": sweep, SWEEP_RUN_TAG: "true"}) as run_id:
+        StageRun(tracker, run_id).record(metrics, files={name: path for name, path in files.items() if path.exists()})
+    return run_id

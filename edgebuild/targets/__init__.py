@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 RUNTIMES = {
     "openvino": "edgebuild.targets.openvino:OpenVINORuntime",
     "onnxruntime": "edgebuild.targets.onnxruntime:ONNXRuntime",
+    "mcu": "edgebuild.targets.mcu:MCURuntime",  # estimates for microcontrollers; OpenVINO CPU stand-in
 }
 
 

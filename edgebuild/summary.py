@@ -1,0 +1,146 @@
+"""Build summaries: summary.json (machine-readable), summary.md and a rich table for humans; and the
+environment every build records as provenance (CPU, threads, library versions)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+# distributions whose versions change results; recorded on every build (read from metadata, not imported)
+LIBRARIES = ("torch", "torchvision", "openvino", "nncf", "onnxruntime", "pytorch-lightning", "torch-pruning",
+             "mlflow", "hydra-core", "numpy")
+
+COLUMNS = [  # (metric, header, format)
+    ("acc/top1", "top-1", "{:.2%}"),
+    ("acc/drop", "drop pp", "{:+.2f}"),
+    ("map/50", "mAP@.5", "{:.3f}"),
+    ("map/50_95", "mAP", "{:.3f}"),
+    ("macs", "MACs", "{:,.0f}"),
+    ("params", "params", "{:,.0f}"),
+    ("size/bytes", "size B", "{:,.0f}"),
+    ("size/zip_bytes", "zip B", "{:,.0f}"),
+    ("latency/p50_ms", "p50 ms", "{:.3f}"),
+    ("latency/p90_ms", "p90 ms", "{:.3f}"),
+    ("throughput/fps", "fps", "{:,.0f}"),
+    ("runtime/precision", "ran in", "{}"),
+]
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    if value is None:
+        return "-"
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    stages = summary["stages"]
+    cols = [c for c in COLUMNS if any(c[0] in s["metrics"] for s in stages)]
+    header = ["stage", "kind", "cached", "s", *[c[1] for c in cols]]
+    rows = [[s["name"], s["kind"], "yes" if s["cache_hit"] else "no", f"{s['seconds']:.1f}",
+             *[_fmt(s["metrics"].get(c[0]), c[2]) for c in cols]] for s in stages]
+    return header, rows
+
+
+def budget_rows(budget: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["limit", "from", "metric", "value", "limit value", "ok"]
+    rows = [[c["budget"], c["source"], c["metric"], _fmt(c["value"], "{:.4g}"), f"{c['op']} {c['limit']:.4g}",
+             "ok" if c["ok"] else "VIOLATED"] for c in budget["checks"]]
+    return header, rows
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    def md(header: list[str], rows: list[list[str]]) -> str:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+    out = [f"# edgebuild: {summary['recipe']}", "", f"target: {summary['target']}", "", md(*table_rows(summary)), ""]
+    if summary["budget"]["checks"]:
+        out += ["## Budget: " + ("met" if summary["budget"]["ok"] else "VIOLATED"), "", md(*budget_rows(summary["budget"])), ""]
+    profiled = final_profile(summary)
+    if profiled:
+        out += [f"## Profile of the deployable ({summary['stages'][-1]['name']})", "", md(*profiled), ""]
+    for note in summary.get("notes", []):
+        out.append(f"- {note}")
+    return "\n".join(out) + "\n"
+
+
+def final_profile(summary: dict[str, Any], top: int = 10) -> tuple[list[str], list[list[str]]] | None:
+    """The final stage's profile table, when the build profiled (eval.profile.enabled=true)."""
+    path = Path(summary.get("run_dir", ".")) / "profile" / f"{summary['stages'][-1]['name']}.json"
+    if not path.exists():
+        return None
+    from edgebuild import profile
+
+    return profile.table(profile.load(path), top)
+
+
+def print_summary(summary: dict[str, Any], path: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"edgebuild · {summary['recipe']} · {summary['target']}")
+    header, rows = table_rows(summary)
+    for h in header:
+        table.add_column(h, justify="left" if h in ("stage", "kind", "ran in") else "right")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+    if summary["budget"]["checks"]:
+        bt = Table(title="budget " + ("met" if summary["budget"]["ok"] else "VIOLATED"),
+                   style="green" if summary["budget"]["ok"] else "red")
+        header, rows = budget_rows(summary["budget"])
+        for h in header:
+            bt.add_column(h)
+        for r in rows:
+            bt.add_row(*r, style=None if r[-1] == "ok" else "bold red")
+        console.print(bt)
+    profiled = final_profile(summary, top=5)
+    if profiled:
+        pt = Table(title=f"profile · {summary['stages'][-1]['name']} (slowest layers; per-image preprocessing)")
+        for h in profiled[0]:
+            pt.add_column(h)
+        for r in profiled[1]:
+            pt.add_row(*r)
+        console.print(pt)
+    for note in summary.get("notes", []):
+        console.print(f"[yellow]note:[/yellow] {note}")
+    console.print(f"summary: {path}")
+
+
+def write(summary: dict[str, Any], folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "summary.json"
+    path.write_text(json.dumps(summary, indent=2, default=str))
+    (folder / "summary.md").write_text(markdown(summary))
+    return path
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, str]:
+    """Where a build ran and with what: tags `env.*` and `version.*` on its MLflow parent run."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    env = {"env.cpu": cpu_model(), "env.cpu_count": str(os.cpu_count()), "env.python": platform.python_version(),
+           "env.platform": platform.platform()}
+    for lib in LIBRARIES:
+        try:
+            env[f"version.{lib}"] = version(lib)
+        except PackageNotFoundError:
+            env[f"version.{lib}"] = "absent"
+    return env
