@@ -85,6 +85,8 @@ def print_summary(summary: dict[str, Any], path: Path) -> None:
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:  # logs and pipes: rich would squeeze the table into 80 columns
+        console.width = 240
     table = Table(title=f"edgebuild · {summary['recipe']} · {summary['target']}")
     header, rows = table_rows(summary)
     for h in header:
