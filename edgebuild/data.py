@@ -261,13 +261,16 @@ def _split_pool(pool: Labelled, val: float, test: float, seed: int, stratify: bo
 class DataModule:
     """Splits, normalization and batches of one labelled image dataset (classification)."""
 
+    sources = SOURCES  # a task's subclass serves its own sources (detection: edgebuild/detection/data.py)
+    stratify = True  # split by seed keeping class proportions (labels must be class ids)
+
     def __init__(self, cfg: Any, cache_dir: Path):
         self.cfg = cfg
-        if cfg.name not in SOURCES:
-            raise EdgebuildError(f"unknown data source {cfg.name!r}", f"use data= one of: {', '.join(sorted(SOURCES))}")
+        if cfg.name not in self.sources:
+            raise EdgebuildError(f"unknown data source {cfg.name!r}", f"use data= one of: {', '.join(sorted(self.sources))}")
         if len(cfg.mean) != cfg.channels or len(cfg.std) != cfg.channels:
             raise EdgebuildError(f"data.mean/std need {cfg.channels} values (data.channels), got {list(cfg.mean)} / {list(cfg.std)}")
-        self._source = SOURCES[cfg.name](cfg, Path(cache_dir) / "data")
+        self._source = self.sources[cfg.name](cfg, Path(cache_dir) / "data")
         self.class_names = self._source.class_names
         self._splits: dict[str, Labelled] | None = None
         key = {k: v for k, v in _plain(cfg).items() if k not in ("batch_size", "num_workers", "calibration")}
@@ -287,7 +290,7 @@ class DataModule:
                 # a held-out test split that came with the data stays; the pool gives train and val
                 test_frac = 0.0 if "test" in splits else self.cfg.split.test
                 pool = self._limit(source.pool, self.cfg.limit)
-                parts = _split_pool(pool, self.cfg.split.val, test_frac, self.cfg.split.seed)
+                parts = _split_pool(pool, self.cfg.split.val, test_frac, self.cfg.split.seed, self.stratify)
                 splits = {**parts, **splits} if "test" in splits else parts
             for s in SPLITS:
                 if s not in splits or len(splits[s].labels) == 0:

@@ -25,7 +25,9 @@ def small_cnn(num_classes: int = 10, in_channels: int = 1, width: int = 16) -> A
 
 
 BUILTIN = {"cnn": small_cnn}
-EXTRA_BUILDERS: dict[str, Any] = {}  # task modules add theirs (e.g. detectors)
+# task-specific model names -> "module.function" (imported when used) or a callable(cfg, dm, num_classes, in_channels, **kw)
+EXTRA_BUILDERS: dict[str, Any] = {name: "edgebuild.detection.models.build" for name in
+                                  ("ssd_small", "ssdlite320_mobilenet_v3_large", "ssd300_vgg16")}
 
 
 def build_model(cfg: Any, dm: Any) -> Any:
@@ -42,7 +44,9 @@ def build_model(cfg: Any, dm: Any) -> Any:
     elif cfg.name in BUILTIN:
         model = BUILTIN[cfg.name](num_classes=num_classes, in_channels=in_channels, **kwargs)
     elif cfg.name in EXTRA_BUILDERS:
-        model = EXTRA_BUILDERS[cfg.name](cfg, dm, num_classes=num_classes, in_channels=in_channels, **kwargs)
+        builder = EXTRA_BUILDERS[cfg.name]
+        builder = _resolve(builder) if isinstance(builder, str) else builder
+        model = builder(cfg, dm, num_classes=num_classes, in_channels=in_channels, **kwargs)
     else:
         model = _torchvision(cfg, num_classes, in_channels, kwargs)
     if cfg.weights and Path(cfg.weights).expanduser().exists():

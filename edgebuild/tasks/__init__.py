@@ -11,6 +11,7 @@ from edgebuild.errors import EdgebuildError
 
 TASKS = {
     "classification": "edgebuild.tasks.classification:Classification",
+    "detection": "edgebuild.tasks.detection:Detection",
 }
 
 
