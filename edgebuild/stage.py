@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 REGISTRY: dict[str, str] = {
     "train": "edgebuild.stages.train:Train",
     "export": "edgebuild.stages.export:Export",
+    "quantize": "edgebuild.stages.quantize:Quantize",
+    "qat": "edgebuild.stages.qat:QAT",
+    "fp16": "edgebuild.stages.fp16:FP16",
 }
 
 
