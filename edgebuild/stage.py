@@ -25,6 +25,12 @@ REGISTRY: dict[str, str] = {
     "quantize": "edgebuild.stages.quantize:Quantize",
     "qat": "edgebuild.stages.qat:QAT",
     "fp16": "edgebuild.stages.fp16:FP16",
+    "prune": "edgebuild.stages.prune:Prune",
+    "cluster": "edgebuild.stages.cluster:Cluster",
+    "separable": "edgebuild.stages.separable:Separable",
+    "distill": "edgebuild.stages.distill:Distill",
+    "resolution": "edgebuild.stages.resolution:Resolution",
+    "cascade": "edgebuild.stages.cascade:Cascade",
 }
 
 
