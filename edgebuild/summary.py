@@ -25,6 +25,8 @@ COLUMNS = [  # (metric, header, format)
     ("latency/p50_ms", "p50 ms", "{:.3f}"),
     ("latency/p90_ms", "p90 ms", "{:.3f}"),
     ("throughput/fps", "fps", "{:,.0f}"),
+    ("memory/flash_bytes", "flash B", "{:,.0f}"),  # target=mcu estimates
+    ("memory/peak_ram_bytes", "RAM B", "{:,.0f}"),
     ("runtime/precision", "ran in", "{}"),
 ]
 
