@@ -8,6 +8,7 @@ own sources and DataModule subclass through `SOURCES` and `Task.datamodule`.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -353,6 +354,35 @@ class DataModule:
             size = len(data.labels)
         idx = np.sort(np.random.default_rng(self.cfg.calibration.seed).permutation(len(data.labels))[:size])
         return self.normalize(data.images[idx])
+
+    def resized(self, image_size: int) -> DataModule:
+        """The same splits served at another square size (a model whose input resolution was changed):
+        training, calibration and evaluation of that model all follow. Views are made once."""
+        if image_size == self.cfg.image_size:
+            return self
+        views = self.__dict__.setdefault("_views", {})
+        if image_size not in views:
+            view = copy.copy(self)
+            view.cfg = copy.deepcopy(self.cfg)
+            view.cfg.image_size = image_size
+            view.input_shape = [1, self.cfg.channels, image_size, image_size]
+            view.fingerprint = hashlib.sha256(f"{self.fingerprint}|{image_size}".encode()).hexdigest()
+            view._splits = {k: Labelled(_resize(v.images, image_size, self.cfg.channels), v.labels)
+                            for k, v in self.splits.items()}
+            view._views = {}
+            views[image_size] = view
+        return views[image_size]
+
+
+def for_input(dm: Any, input_shape: list[int] | None) -> Any:
+    """The data as a model with `input_shape` [1,C,H,W] takes it: `dm` itself, or a resized view."""
+    if not input_shape or list(input_shape)[1:] == list(dm.input_shape)[1:]:
+        return dm
+    c, h, w = list(input_shape)[1:]
+    if h != w or c != dm.input_shape[1]:
+        raise EdgebuildError(f"the model takes input {list(input_shape)}; the data serves {dm.input_shape}",
+                             "only square resolution changes with the data's channel count are supported")
+    return dm.resized(h)
 
 
 class _TensorImages:

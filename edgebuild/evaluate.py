@@ -75,7 +75,9 @@ def measure_static(artifact: Any, folder: Path, ctx: Any) -> tuple[dict[str, Any
     metrics.update(size_metrics(deployable.root, deployable.files))
     batch = ctx.cfg.eval.batch_size
     session = target.runtime.compile(deployable, target.device, batch)
-    q, tables = quality(session, batch, ctx.data, task, ctx.cfg.eval)
+    from edgebuild.data import for_input
+
+    q, tables = quality(session, batch, for_input(ctx.data, artifact.meta.get("input_shape")), task, ctx.cfg.eval)
     metrics.update(q)
     return metrics, deployable, tables
 

@@ -171,7 +171,11 @@ class Builder:
             return Artifact.from_json(record["artifact"], relative_to=path).verify()
 
         def produce(folder: Path) -> dict[str, Any]:
-            ctx = Context(cfg=self.cfg, workdir=folder / "artifact", data=self.data, task=self.task, target=self.target,
+            from edgebuild.data import for_input
+
+            # a model whose input resolution changed is trained and calibrated at its own size
+            data = for_input(self.data, self.artifacts[source].meta.get("input_shape"))
+            ctx = Context(cfg=self.cfg, workdir=folder / "artifact", data=data, task=self.task, target=self.target,
                           seed=self.cfg.seed, input=self.artifacts[source], artifacts=dict(self.artifacts),
                           logger=srun.logger if srun.run_id else None)
             ctx.workdir.mkdir(parents=True)
@@ -269,7 +273,9 @@ class Builder:
                         metrics["stage/build_seconds"] = entry.record.get("seconds", 0.0)
                         srun.record(metrics, params=flatten({"stage": {"name": name, "input": source, **stage.params()}}),
                                     tags={"cache_hit": str(entry.hit).lower(), "cache_key": entry.key},
-                                    files={"tables": measured.path / "tables.json"},
+                                    files={"tables": measured.path / "tables.json",  # + the stage's report files
+                                           **{k: entry.path / "artifact" / v
+                                              for k, v in entry.record.get("files", {}).items()}},
                                     folders={"model": deployable.root} if cfg.tracking.log_model else None)
                         if profile_file:
                             srun.record({}, files={"profile": profile_file})

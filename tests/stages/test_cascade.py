@@ -1,0 +1,89 @@
+"""cascade: the metrics on fixed predictions, a shrunk cascade build, bad thresholds and tasks."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgebuild import testing
+from edgebuild.errors import EdgebuildError
+from edgebuild.pipeline import plan
+from edgebuild.stages.cascade import cascade_curve, operating_point
+
+QUICK = ["data=synthetic", "model.kwargs.width=8", "stages.big.epochs=2", "stages.small.epochs=2",
+         "stages.cascade.latency_rounds=1"]
+
+
+def test_curve_on_fixed_predictions():
+    # small: confidences 0.9 (right), 0.6 (wrong), 0.95 (wrong), 0.5 (right, argmax of a tie); big: always right
+    small = np.log(np.array([[0.9, 0.1], [0.4, 0.6], [0.05, 0.95], [0.5, 0.5]]))
+    big = np.log(np.array([[0.8, 0.2], [0.9, 0.1], [0.9, 0.1], [0.7, 0.3]]))
+    labels = np.array([0, 0, 0, 0])
+    curve = cascade_curve(small, big, labels, [1.0, 0.0, 0.7, 0.92], small_ms=1.0, big_ms=10.0)
+    assert [c["threshold"] for c in curve] == [0.0, 0.7, 0.92, 1.0]
+    assert [c["escalated"] for c in curve] == [0.0, 0.5, 0.75, 1.0]
+    assert [c["accuracy"] for c in curve] == [0.5, 0.75, 0.75, 1.0]
+    assert [c["expected_latency_ms"] for c in curve] == [1.0, 6.0, 8.5, 11.0]
+    assert operating_point(curve, big_acc=1.0, max_drop_pp=30)["threshold"] == 0.7  # the fastest within 30 pp
+    assert operating_point(curve, big_acc=1.0, max_drop_pp=0.5)["threshold"] == 1.0
+    assert operating_point(curve[:3], big_acc=1.0, max_drop_pp=0.5)["threshold"] == 0.7  # none within: most accurate
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cascade")
+    return tmp, testing.build(testing.shrink(tmp, tracking=True) + QUICK, tmp, recipe="cascade")
+
+
+def test_cascade_build_reports_curve_plot_and_bundle(built):
+    tmp, s = built
+    by = {st["name"]: st for st in s["stages"]}
+    m = by["cascade"]["metrics"]
+    assert m["cascade/big_acc"] == pytest.approx(by["big"]["metrics"]["acc/top1"], abs=1e-9)
+    assert m["cascade/small_acc"] == pytest.approx(by["small"]["metrics"]["acc/top1"], abs=1e-9)
+    assert m["acc/top1"] == pytest.approx(m["cascade/small_acc"], abs=1e-9)  # the bundle's main model is the small one
+    assert m["cascade/expected_latency_ms"] == pytest.approx(
+        m["cascade/small_latency_ms"] + m["cascade/escalated"] * m["cascade/big_latency_ms"])
+    workdir = Path(by["cascade"]["artifact"])
+    report = json.loads((workdir / "cascade.json").read_text())
+    assert len(report["curve"]) == 9 and (workdir / "cascade.png").stat().st_size > 1000
+    at_one = report["curve"][-1]  # threshold 0.999: nearly everything escalates, accuracy near the big model's
+    assert at_one["escalated"] >= report["curve"][0]["escalated"]
+    deploy = Path(s["deploy"])
+    spec = json.loads((deploy / "model.json").read_text())
+    assert spec["deploy_cascade"]["threshold"] == m["cascade/threshold"]
+    assert (deploy / spec["deploy_cascade"]["big_model"]).exists() and (deploy / "model.xml").exists()
+
+
+def test_curve_plot_and_steps_are_in_mlflow(built):
+    import mlflow
+
+    tmp, s = built
+    mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+    runs = mlflow.search_runs(search_all_experiments=True)
+    stage = runs[(runs["tags.mlflow.parentRunId"] == s["mlflow_run_id"]) & (runs["tags.mlflow.runName"] == "cascade")]
+    run_id = stage.iloc[0]["run_id"]
+    files = {f.path for f in mlflow.MlflowClient().list_artifacts(run_id, "cascade_curve")}
+    assert files == {"cascade_curve/cascade.png"}
+    steps = runs[runs["tags.mlflow.parentRunId"] == run_id]
+    assert len(steps) == 9 and "metrics.cascade/escalated" in steps
+
+
+@pytest.mark.parametrize("override,message", [
+    ("stages.cascade.thresholds=[0.5,1.5]", r"thresholds \[1.5\] are not confidences in \[0, 1\]"),
+    ("stages.cascade.thresholds=[]", "are not confidences"),
+    ("stages.cascade.big=null", "cascade needs the big model"),
+    ("stages.cascade.big=nosuch", "reference 'nosuch' is not a stage"),
+    ("stages.cascade.big=/nonexistent/deploy", "is not a deploy folder"),
+])
+def test_bad_cascade_config_fails_at_plan_time(override, message):
+    with pytest.raises(EdgebuildError, match=message):
+        plan(testing.compose([override], recipe="cascade"))
+
+
+def test_cascade_is_classification_only():
+    cfg = testing.compose([], recipe="cascade")
+    cfg.task.name = "detection"
+    with pytest.raises(EdgebuildError, match="stage 'cascade' .* does not apply to task detection"):
+        plan(cfg)
