@@ -1,0 +1,148 @@
+"""Detection, the study's table: network x (FP32, pruned, INT8, pruned + INT8) -> mAP@0.5, mAP@[.5:.95],
+FPS on the OpenVINO CPU runtime, weights MB, plus the decode + NMS time outside the network.
+
+    nice -n 10 python benchmarks/detection.py [--epochs 6] [--prune-epochs 4] [--ratio 0.4] [--importance l1]
+        [--rounds 5] [--tv-epochs 0] [--skip-torchvision] [-- extra edgebuild overrides, e.g. data=yolo data.root=DIR]
+
+Builds with edgebuild itself (edgebuild.pipeline.build): the small SSD on generated shapes at 160x160
+through `ssd_prune_int8` plus a second quantize stage on the unpruned model (train -> prune + fine-tune
+-> INT8, and train -> INT8), so the trained model is shared through the stage cache (outputs/cache, the
+same entry `recipe=ssd_int8` builds). torchvision's SSDLite (160x160) and VGG-SSD (300x300, the size its
+extra layers need) get export + INT8 + latency rows; they are trained for `--tv-epochs` (default 0:
+untrained, so their mAP is not meaningful; training them to convergence on 2 cores is out of reach).
+mAP comes from each stage's measured deployable on the held-out split. Latency: batch 1, 2 threads,
+every IR compiled twice in this process (INFERENCE_PRECISION_HINT f32 = true FP32, and the runtime's
+default, bf16 on this CPU), measured in interleaved rounds; the table shows the median of round medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def build(recipe: str, overrides: list[str], run_dir: Path) -> dict:
+    from edgebuild import testing
+    from edgebuild.pipeline import build as run_build
+
+    cfg = testing.compose(overrides, recipe)
+    t0 = time.perf_counter()
+    summary = run_build(cfg, run_dir, recipe)
+    summary["wall_s"] = time.perf_counter() - t0
+    return summary
+
+
+def interleaved_latency(deployables: dict[str, tuple[Path, list[int]]], rounds: int) -> dict[str, dict[str, float]]:
+    """p50 ms per deployable at the f32 hint and at the runtime's default precision, rounds interleaved."""
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = {}
+    for name, (xml, shape) in deployables.items():
+        model = core.read_model(str(xml))
+        model.reshape([1, *shape[1:]])
+        for hint in ("f32", "default"):
+            config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": 2}
+            if hint == "f32":
+                config["INFERENCE_PRECISION_HINT"] = "f32"
+            req = core.compile_model(model, "CPU", config).create_infer_request()
+            x = np.random.default_rng(0).standard_normal([1, *shape[1:]]).astype(np.float32)
+            req.set_input_tensor(0, ov.Tensor(x))
+            compiled[(name, hint)] = req
+    medians: dict[tuple, list[float]] = {k: [] for k in compiled}
+    for _ in range(rounds):
+        for key, req in compiled.items():
+            for _ in range(3):
+                req.infer()
+            times, start = [], time.perf_counter()
+            while len(times) < 30 or time.perf_counter() - start < 0.3:
+                t0 = time.perf_counter_ns()
+                req.infer()
+                times.append((time.perf_counter_ns() - t0) / 1e6)
+            medians[key].append(float(np.median(times)))
+    out: dict[str, dict[str, float]] = {}
+    for (name, hint), m in medians.items():
+        out.setdefault(name, {})[hint] = float(np.median(m))
+        out[name][f"{hint}_spread"] = float(np.max(m) - np.min(m))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=6, help="training epochs of the small SSD (the recipe's)")
+    p.add_argument("--prune-epochs", type=int, default=4)
+    p.add_argument("--ratio", type=float, default=0.4, help="structured prune: fraction of channels removed")
+    p.add_argument("--importance", default="l1", help="l1 | l2 | bn_scale | activation")
+    p.add_argument("--tv-epochs", type=int, default=0, help="training epochs for SSDLite / VGG-SSD")
+    p.add_argument("--skip-torchvision", action="store_true")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out", default=str(ROOT / "outputs" / "bench-detection"))
+    p.add_argument("extra", nargs="*", help="edgebuild overrides (e.g. data=yolo data.root=DIR)")
+    args = p.parse_args()
+    out = Path(args.out)
+    common = ["tracking=none", "budget.min_map=null", "budget.max_map_drop=null", *args.extra]
+    t_start, load_start = time.perf_counter(), os.getloadavg()[0]
+
+    small = build("ssd_prune_int8", common + [
+        f"stages.train.epochs={args.epochs}", f"stages.prune.epochs={args.prune_epochs}",
+        f"stages.prune.ratio={args.ratio}", f"stages.prune.importance={args.importance}",
+        "+stages.int8={kind: quantize, input: train}"], out / "ssd_small")
+    rows = [("ssd_small", "FP32", small, "train"), ("ssd_small", "pruned", small, "prune"),
+            ("ssd_small", "INT8", small, "int8"), ("ssd_small", "pruned + INT8", small, "quantize")]
+    if not args.skip_torchvision:
+        for model, size in (("ssdlite", 160), ("ssd300_vgg16", 300)):
+            tv = build("ssd_int8", common + [
+                f"model={model}", f"data.image_size={size}", f"stages.train.epochs={args.tv_epochs}",
+                "data.num_samples=400", "data.calibration.size=64", "eval.limit=64"], out / model)
+            rows += [(model, "FP32", tv, "train"), (model, "INT8", tv, "quantize")]
+
+    def stage(summary: dict, name: str) -> dict:
+        return next(s for s in summary["stages"] if s["name"] == name)
+
+    deployables = {}
+    for net, variant, summary, name in rows:
+        st = stage(summary, name)
+        deployables[f"{net}/{variant}"] = (Path(st["deployable"]) / "model.xml", [1, 3, *summary_size(summary)])
+    lat = interleaved_latency(deployables, args.rounds)
+    load_end = os.getloadavg()[0]
+
+    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {load_start:.1f} -> "
+          f"{load_end:.1f}, total {time.perf_counter() - t_start:.0f} s\n")
+    print("| network | variant | mAP@0.5 | mAP@[.5:.95] | drop (pts) | MACs | weights MB | ran in | p50 ms f32 hint "
+          "| FPS f32 | x FP32 | p50 ms default (bf16) | x FP32 default | decode+NMS ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for net, variant, summary, name in rows:
+        m = stage(summary, name)["metrics"]
+        key = f"{net}/{variant}"
+        base = lat[f"{net}/FP32"]
+        fps = 1000.0 / lat[key]["f32"]
+        print(f"| {net} | {variant} | {m.get('map/50', float('nan')):.3f} | {m.get('map/50_95', float('nan')):.3f} "
+              f"| {m.get('map/drop', 0):.2f} | {m.get('macs', 0) / 1e6:.1f} M | {m['size/bytes'] / 1e6:.2f} "
+              f"| {m.get('runtime/precision')} | {lat[key]['f32']:.3f} ± {lat[key]['f32_spread']:.3f} | {fps:.0f} "
+              f"| {base['f32'] / lat[key]['f32']:.2f} | {lat[key]['default']:.3f} "
+              f"| {base['default'] / lat[key]['default']:.2f} "
+              f"| {m.get('latency/postprocess_ms', float('nan')):.2f} |")
+    for summary in {id(r[2]): r[2] for r in rows}.values():
+        took = [f"{s['name']} " + ("cached" if s["cache_hit"] else f"{s['seconds']:.0f} s") for s in summary["stages"]]
+        print(f"\n{summary['recipe']} ({summary['wall_s']:.0f} s): " + "; ".join(took))
+        for note in summary.get("notes", []):
+            print(f"  note: {note}")
+
+
+def summary_size(summary: dict) -> list[int]:
+    """H, W of the build's input (every stage of one build shares it), from its deployable's model.json."""
+    return list(json.loads((Path(summary["deploy"]) / "model.json").read_text())["input_shape"])[2:]
+
+
+if __name__ == "__main__":
+    main()
