@@ -91,8 +91,6 @@ def measure_runtime(deployable: Any, ctx: Any, macs: float | None) -> dict[str, 
         metrics.update(latency(session, deployable.meta["input_shape"], ctx.cfg.eval.latency))
         if hasattr(ctx.task, "runtime_metrics"):  # work outside the network (detection: decode + NMS), timed apart
             metrics.update(ctx.task.runtime_metrics(session, ctx.data, ctx.cfg.eval))
-        if hasattr(ctx.task, "runtime_metrics"):  # work outside the network (detection: decode + NMS), timed apart
-            metrics.update(ctx.task.runtime_metrics(session, ctx.data, ctx.cfg.eval))
     metrics["latency/threads"] = int(target.cfg.threads)
     metrics["latency/device"] = target.device
     if target.is_proxy:

@@ -12,7 +12,6 @@ from edgebuild.errors import EdgebuildError
 TASKS = {
     "classification": "edgebuild.tasks.classification:Classification",
     "detection": "edgebuild.tasks.detection:Detection",
-    "detection": "edgebuild.tasks.detection:Detection",
 }
 
 
