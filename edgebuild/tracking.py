@@ -11,8 +11,9 @@ import json
 import logging
 import math
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from edgebuild.errors import EdgebuildError
 
@@ -228,6 +229,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:  # it answered (e.g. 401 behind a proxy): reachable, MLflow takes over
+        return
     except (urllib.error.URLError, OSError) as e:
         raise EdgebuildError(f"cannot reach the MLflow tracking server {uri}: {getattr(e, 'reason', e)}",
                              "start it (mlflow server --host HOST --port PORT), fix tracking.uri, or run with "
