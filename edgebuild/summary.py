@@ -63,7 +63,8 @@ def markdown(summary: dict[str, Any]) -> str:
 
     out = [f"# edgebuild: {summary['recipe']}", "", f"target: {summary['target']}", "", md(*table_rows(summary)), ""]
     if summary["budget"]["checks"]:
-        out += ["## Budget: " + ("met" if summary["budget"]["ok"] else "VIOLATED"), "", md(*budget_rows(summary["budget"])), ""]
+        verdict = "met" if summary["budget"]["ok"] else "VIOLATED"
+        out += [f"## Budget: {verdict}", "", md(*budget_rows(summary["budget"])), ""]
     profiled = final_profile(summary)
     if profiled:
         out += [f"## Profile of the deployable ({summary['stages'][-1]['name']})", "", md(*profiled), ""]
