@@ -2,7 +2,8 @@
 FPS on the OpenVINO CPU runtime, weights MB, plus the decode + NMS time outside the network.
 
     nice -n 10 python benchmarks/detection.py [--epochs 3] [--prune-epochs 4] [--ratio 0.4] [--importance l1]
-        [--rounds 5] [--tv-epochs 0] [--skip-torchvision] [-- extra edgebuild overrides, e.g. data=yolo data.root=DIR]
+        [--rounds 5] [--tv-epochs 0] [--tv-models ssdlite,ssd300_vgg16] [--tv-eval 32]
+        [-- extra edgebuild overrides, e.g. data=yolo data.root=DIR]
 
 Builds with edgebuild itself (edgebuild.pipeline.build): the small SSD on generated shapes at 160x160
 through `ssd_prune_int8` plus a second quantize stage on the unpruned model (train -> prune + fine-tune
@@ -84,7 +85,8 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=0.4, help="structured prune: fraction of channels removed")
     p.add_argument("--importance", default="l1", help="l1 | l2 | bn_scale | activation")
     p.add_argument("--tv-epochs", type=int, default=0, help="training epochs for SSDLite / VGG-SSD")
-    p.add_argument("--skip-torchvision", action="store_true")
+    p.add_argument("--tv-models", default="ssdlite,ssd300_vgg16", help="torchvision SSDs to add ('' for none)")
+    p.add_argument("--tv-eval", type=int, default=32, help="held-out / calibration images for their rows")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default=str(ROOT / "outputs" / "bench-detection"))
     p.add_argument("extra", nargs="*", help="edgebuild overrides (e.g. data=yolo data.root=DIR)")
@@ -99,12 +101,12 @@ def main() -> None:
         "+stages.int8={kind: quantize, input: train}"], out / "ssd_small")
     rows = [("ssd_small", "FP32", small, "train"), ("ssd_small", "pruned", small, "prune"),
             ("ssd_small", "INT8", small, "int8"), ("ssd_small", "pruned + INT8", small, "quantize")]
-    if not args.skip_torchvision:
-        for model, size in (("ssdlite", 160), ("ssd300_vgg16", 300)):
-            tv = build("ssd_int8", common + [
-                f"model={model}", f"data.image_size={size}", f"stages.train.epochs={args.tv_epochs}",
-                "data.num_samples=400", "data.calibration.size=64", "eval.limit=64"], out / model)
-            rows += [(model, "FP32", tv, "train"), (model, "INT8", tv, "quantize")]
+    for model in filter(None, args.tv_models.split(",")):
+        size = 300 if model == "ssd300_vgg16" else 160
+        tv = build("ssd_int8", common + [
+            f"model={model}", f"data.image_size={size}", f"stages.train.epochs={args.tv_epochs}",
+            "data.num_samples=400", f"data.calibration.size={args.tv_eval}", f"eval.limit={args.tv_eval}"], out / model)
+        rows += [(model, "FP32", tv, "train"), (model, "INT8", tv, "quantize")]
 
     def stage(summary: dict, name: str) -> dict:
         return next(s for s in summary["stages"] if s["name"] == name)
