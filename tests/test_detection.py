@@ -1,0 +1,182 @@
+"""Detection end to end: a shrunk ssd_int8 build (mAP by the deployed artifact = the torch model's; the
+deployable runs without edgebuild), decode + NMS = torchvision's own postprocessing, task mismatches."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import openvino as ov
+import pytest
+import torch
+
+from edgebuild import testing
+from edgebuild.detection import postprocess as pp
+from edgebuild.errors import EdgebuildError
+from edgebuild.stage import Stage
+from edgebuild.tasks.detection import Detection, DetectionEval
+from tests.conftest import run_cli
+
+SMALL = ["data.num_samples=300", "data.image_size=96", "model.kwargs.width=8", "stages.train.epochs=24",
+         "stages.train.optimizer.lr=0.01", "data.batch_size=16", "budget.min_map=null", "budget.max_map_drop=null"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("det")
+    overrides = testing.shrink(tmp) + SMALL
+    return tmp, overrides, testing.build(overrides, tmp, recipe="ssd_int8")
+
+
+@pytest.fixture(scope="module")
+def pruned(built):
+    """ssd_prune_int8 on the same cache: the trained model is reused, pruning + 1 epoch of fine-tuning + INT8."""
+    tmp, overrides, _ = built
+    return testing.build(overrides + ["stages.prune.epochs=1"], tmp, recipe="ssd_prune_int8", run_name="pruned")
+
+
+def task_and_data(tmp, overrides):
+    cfg = testing.compose(overrides, recipe="ssd_int8")
+    task = Detection(cfg.task)
+    return task, task.datamodule(cfg.data, Path(cfg.cache.dir))
+
+
+def stage(summary, name):
+    return next(s for s in summary["stages"] if s["name"] == name)
+
+
+def test_every_detection_stage_reports_map_and_postprocess_time(built):
+    _, _, s = built
+    for st in s["stages"]:
+        m = st["metrics"]
+        for key in ("map/50", "map/50_95", "map/drop", "latency/p50_ms", "latency/postprocess_ms", "macs"):
+            assert key in m, (st["name"], key)
+    train = stage(s, "train")["metrics"]
+    assert train["map/50"] > 0.2  # it learned: a broken loss, decode or box format stays near 0
+
+
+def test_int8_stage_runs_int8_kernels_and_keeps_map(built):
+    _, _, s = built
+    fp32, int8 = stage(s, "train")["metrics"], stage(s, "quantize")["metrics"]
+    assert fp32["int8/ops_fraction"] == 0 and int8["int8/ops_fraction"] > 0.9
+    assert int8["size/bytes"] < fp32["size/bytes"] / 2.5
+    assert abs(int8["map/drop"]) < 5  # points of mAP@[.5:.95]; the tiny model is far from converged
+
+
+def test_prune_int8_chain_removes_channels_but_not_the_head_outputs(built, pruned):
+    _, _, s = built
+    train, prune = stage(pruned, "train"), stage(pruned, "prune")
+    assert train["cache_hit"] and prune["metrics"]["macs"] < 0.6 * train["metrics"]["macs"]
+    assert stage(pruned, "quantize")["metrics"]["int8/ops_fraction"] > 0.9
+    model = torch.load(Path(prune["artifact"]) / "model.pt", weights_only=False)
+    head = model.head
+    assert [m.out_channels for m in head.classification_head.module_list] == [4 * a for a in (4, 6, 6, 4)]
+    assert [m.out_channels for m in head.regression_head.module_list] == [4 * a for a in (4, 6, 6, 4)]
+    assert model.backbone.levels[0][0][0].out_channels < 8  # the backbone did lose channels
+    assert prune["metrics"]["map/50"] > 0.1
+
+
+def test_deployed_map_equals_the_torch_models(built):
+    tmp, overrides, s = built
+    task, dm = task_and_data(tmp, overrides)
+    model = torch.load(Path(stage(s, "train")["artifact"]) / "model.pt", weights_only=False).eval()
+    ev = DetectionEval(dm.class_names, task)
+    with torch.no_grad():
+        for x, y in dm.batches("test", 32):
+            ev.update([o.numpy() for o in model(torch.from_numpy(x))], y)
+    torch_map = ev.compute()[0]["map/50_95"]
+    assert torch_map == pytest.approx(stage(s, "train")["metrics"]["map/50_95"], abs=0.01)
+
+
+def test_deployable_runs_without_edgebuild(built):
+    """model.json + the numpy postprocess give the summary's mAP from the IR with plain OpenVINO."""
+    from torchmetrics.detection import MeanAveragePrecision
+
+    tmp, overrides, s = built
+    deploy = Path(s["deploy"])
+    spec = json.loads((deploy / "model.json").read_text())
+    assert spec["task"] == "detection" and spec["deploy_box_coder_weights"] == [10.0, 10.0, 5.0, 5.0]
+    assert set(spec["outputs"]) == {"bbox_regression", "cls_logits", "anchors"}
+    _, dm = task_and_data(tmp, overrides)
+    raw = dm.splits["test"]
+    pre = spec["preprocess"]
+    x = ((raw.images / pre["scale"] - np.reshape(pre["mean"], (1, -1, 1, 1))) / np.reshape(pre["std"], (1, -1, 1, 1)))
+    compiled = ov.Core().compile_model(str(deploy / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    metric = MeanAveragePrecision(backend="pycocotools")
+    for i in range(len(x)):
+        reg, logits, anchors = (o[0] for o in compiled(x[i:i + 1].astype(np.float32)).values())
+        det = pp.postprocess(reg, logits, anchors, **pp.options(spec))
+        metric.update([{k: torch.as_tensor(v) for k, v in det.items()}],
+                      [{k: torch.as_tensor(v) for k, v in raw.labels[i].items()}])
+    assert float(metric.compute()["map"]) == pytest.approx(s["stages"][-1]["metrics"]["map/50_95"], abs=1e-3)
+
+
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_numpy_postprocess_equals_torchvision(built, scale):
+    """The shipped decode + NMS against torchvision's SSD.postprocess_detections on the same raw outputs:
+    the trained model's (scale 1) and sharpened ones with many overlapping candidates (scale 4)."""
+    from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+    from torchvision.models.detection.ssd import SSD
+
+    tmp, overrides, s = built
+    _, dm = task_and_data(tmp, overrides)
+    model = torch.load(Path(stage(s, "train")["artifact"]) / "model.pt", weights_only=False).eval()
+    x, _ = next(dm.batches("test", 8))
+    with torch.no_grad():
+        reg, logits, anchors = model(torch.from_numpy(x))
+    logits = logits * scale
+    tv = SSD(torch.nn.Identity(), DefaultBoxGenerator([[2]]), (96, 96), 4, head=torch.nn.Identity(),
+             score_thresh=0.01, nms_thresh=0.45, detections_per_img=100, topk_candidates=200)
+    expected = tv.postprocess_detections({"bbox_regression": reg, "cls_logits": logits}, list(anchors), [(96, 96)] * 8)
+    total = 0
+    for i, e in enumerate(expected):
+        got = pp.postprocess(reg[i].numpy(), logits[i].numpy(), anchors[i].numpy(), image_size=(96, 96))
+        assert got["labels"].tolist() == (e["labels"] - 1).tolist()
+        np.testing.assert_allclose(got["scores"], e["scores"].numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got["boxes"], e["boxes"].numpy(), rtol=1e-4, atol=1e-3)
+        total += len(got["labels"])
+    assert total > 8
+
+
+def test_detector_with_classification_task_and_the_reverse_fail_cleanly(tmp_path):
+    with pytest.raises(EdgebuildError, match="a detection model must return"):
+        testing.build(testing.shrink(tmp_path) + ["model=cnn", "data.num_samples=40", "data.image_size=32"],
+                      tmp_path, recipe="ssd_int8")
+    with pytest.raises(EdgebuildError, match="a classification model must return logits"):
+        testing.build(testing.shrink(tmp_path) + ["model=ssd_small", "data=synthetic", "data.channels=3",
+                                                  "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]"], tmp_path)
+    with pytest.raises(EdgebuildError, match="is not detection data"):
+        testing.build(testing.shrink(tmp_path) + ["data=synthetic"], tmp_path, recipe="ssd_int8")
+    with pytest.raises(EdgebuildError, match="is not classification data"):
+        testing.build(testing.shrink(tmp_path) + ["data=shapes"], tmp_path)
+
+
+@dataclass
+class ClassificationOnly(Stage):
+    kind: ClassVar[str] = "classification_only"
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)
+
+
+def test_classification_only_stage_in_a_detection_recipe_fails_at_plan_time(tmp_path, monkeypatch):
+    from edgebuild import stage as stages
+    from edgebuild.pipeline import plan
+
+    monkeypatch.setitem(stages.REGISTRY, "classification_only", "tests.test_detection:ClassificationOnly")
+    cfg = testing.compose(testing.shrink(tmp_path) + ["+stages.odd={kind: classification_only}"], recipe="ssd_int8")
+    with pytest.raises(EdgebuildError, match="does not apply to task detection"):
+        plan(cfg)
+
+
+def test_bad_yolo_label_exits_2_naming_the_file_before_any_work(tmp_path):
+    root = tmp_path / "bad"
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "labels" / "train").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (96, 96)).save(root / "images" / "train" / "a.jpg")
+    (root / "labels" / "train" / "a.txt").write_text("7 0.5 0.5 1.8 0.2\n")
+    r = run_cli(["recipe=ssd_int8", "data=yolo", f"data.root={root}", *testing.shrink(tmp_path)], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "a.txt:1" in r.stderr + r.stdout
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("record.json"))
