@@ -1,7 +1,7 @@
 """fp16: smaller OpenVINO IRs without calibration data. `weights: fp16` stores half-precision weights
 (OpenVINO's compress_to_fp16); `weights: int8` stores INT8 weights with per-channel scales
 (`nncf.compress_weights`, data-free), activations stay floating point. Accuracy is measured as for
-every stage; on a CPU the weights are decompressed at load, so the gain is size, not speed."""
+every stage; on a CPU the gain is size, not speed."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ WEIGHTS = ("fp16", "int8")
 @dataclass
 class FP16(Stage):
     kind: ClassVar[str] = "fp16"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2
     uses: ClassVar[tuple[str, ...]] = ("task", "target_format")
 
     weights: str = "fp16"  # fp16: half-precision weights; int8: INT8 weight-only (nncf.compress_weights)
@@ -49,6 +49,6 @@ class FP16(Stage):
         ov.save_model(model, str(ctx.workdir / IR_FILE), compress_to_fp16=self.weights == "fp16")
         meta = {**ctx.input.meta, "formats": ["openvino"], "precision": f"{self.weights} weights",
                 "deploy_weights_precision": self.weights}
-        notes = [f"{self.weights} weights are decompressed when compiled at {ctx.target.cfg.precision} on "
-                 f"{ctx.target.device}: the gain is file size, not speed"] if ctx.target.device == "CPU" else []
+        notes = [f"{self.weights} weights on {ctx.target.device}: the gain is file size, not speed (the float "
+                 "layers compute as before; runtime/precision records what ran)"] if ctx.target.device == "CPU" else []
         return StageResult(Artifact("openvino", ctx.workdir, [IR_FILE, "model.bin"], meta), notes=notes)
