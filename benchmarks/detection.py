@@ -1,7 +1,7 @@
 """Detection, the study's table: network x (FP32, pruned, INT8, pruned + INT8) -> mAP@0.5, mAP@[.5:.95],
 FPS on the OpenVINO CPU runtime, weights MB, plus the decode + NMS time outside the network.
 
-    nice -n 10 python benchmarks/detection.py [--epochs 6] [--prune-epochs 4] [--ratio 0.4] [--importance l1]
+    nice -n 10 python benchmarks/detection.py [--epochs 8] [--prune-epochs 4] [--ratio 0.4] [--importance l1]
         [--rounds 5] [--tv-epochs 0] [--tv-models ssdlite,ssd300_vgg16] [--tv-eval 32]
         [-- extra edgebuild overrides, e.g. data=yolo data.root=DIR]
 
@@ -81,7 +81,7 @@ def interleaved_latency(deployables: dict[str, tuple[Path, list[int]]], rounds: 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=6, help="training epochs of the small SSD (the recipe's)")
+    p.add_argument("--epochs", type=int, default=8, help="training epochs of the small SSD (the recipe's)")
     p.add_argument("--prune-epochs", type=int, default=4)
     p.add_argument("--ratio", type=float, default=0.4, help="structured prune: fraction of channels removed")
     p.add_argument("--importance", default="l1", help="l1 | l2 | bn_scale | activation")
