@@ -149,7 +149,7 @@ def test_unknown_target_is_named_by_hydra():
 def test_recipe_mobilenet_int8_vpu_shrunk(tmp_path):
     """The headline recipe composes and builds end to end in a shrunk form (few batches)."""
     cfg = testing.compose([], "mobilenet_int8_vpu")
-    assert cfg.target.device == "NPU" and cfg.model.name == "mobilenet_v2" and cfg.data.image_size == 32
+    assert cfg.target.device == "NPU" and cfg.model.name == "mobilenet_v2" and cfg.data.image_size == 48
     shrunk = [*testing.shrink(tmp_path), "stages.train.epochs=1", "trainer.limit_train_batches=2",
               "trainer.limit_val_batches=1", "eval.limit=64", "budget.min_acc=null", "budget.max_acc_drop=null"]
     s = testing.build(shrunk, tmp_path, recipe="mobilenet_int8_vpu")
