@@ -118,7 +118,9 @@ class Builder:
         return {
             "data": self.data.fingerprint,
             "task": _plain(cfg.task),
-            "trainer": {k: v for k, v in _plain(cfg.trainer).items() if k not in ("enable_progress_bar",)},
+            # the batch size shapes what training learns, but is not part of the data's identity
+            "trainer": {**{k: v for k, v in _plain(cfg.trainer).items() if k not in ("enable_progress_bar",)},
+                        "batch_size": cfg.data.batch_size},
             "calibration": _plain(cfg.data.calibration),
             "target_format": self.target.format,
             "target": {k: v for k, v in _plain(cfg.target).items() if k not in ("budget", "require_device")},

@@ -138,6 +138,8 @@ def test_changed_parameter_reruns_that_stage_and_later_only(fast, tmp_path):
     assert [st["cache_hit"] for st in export_changed["stages"]] == [True, False]
     train_changed = testing.build(fast + ["stages.train.optimizer.lr=0.01"], tmp_path, run_name="c")
     assert [st["cache_hit"] for st in train_changed["stages"]] == [False, False]
+    batch_changed = testing.build(fast + ["data.batch_size=16"], tmp_path, run_name="d")
+    assert [st["cache_hit"] for st in batch_changed["stages"]] == [False, False]  # the batch size shapes training
 
 
 def test_damaged_cache_entry_is_rebuilt_not_used(fast, tmp_path):
