@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgebuild.errors import EdgebuildError
+from edgebuild.summary import format_value
 from edgebuild.sweep import pareto_front, parse_objectives
 
 # (metric, header, format, paper header, LaTeX header, scale, decimals) — the paper columns in a paper's units
@@ -35,15 +36,6 @@ COLUMNS = [
 ]
 DELTAS = [("latency/p50_ms", "latency"), ("size/bytes", "size"), ("acc/top1", "accuracy")]
 ENV_TAGS = ("git_sha", "git_dirty", "seed", "data_fingerprint", "target", "edgebuild_version")
-
-
-def _fmt(value: Any, fmt: str) -> str:
-    if value is None:
-        return "-"
-    try:
-        return fmt.format(value)
-    except (ValueError, TypeError):
-        return str(value)
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -109,15 +101,15 @@ class Report:
             cached = sum(s["tags"].get("cache_hit") == "true" for s in stages)
             rows.append([self.label(b), b["run_id"][:8], b["tags"].get("status", b["status"].lower()),
                          {"1.0": "met", "0.0": "VIOLATED"}.get(str(b["metrics"].get("budget/ok")), "-"),
-                         *[_fmt(self.final(b).get(c[0]), c[2]) for c in cols],
-                         _fmt(b["metrics"].get("build/seconds"), "{:.1f}"), f"{cached}/{len(stages)}",
+                         *[format_value(self.final(b).get(c[0]), c[2]) for c in cols],
+                         format_value(b["metrics"].get("build/seconds"), "{:.1f}"), f"{cached}/{len(stages)}",
                          "yes" if i in front else ""])
         return header, rows
 
     def front_rows(self) -> tuple[list[str], list[list[str]]]:
         header = ["build", "run", *[f"{m} ({d})" for m, d in self.objectives]]
         rows = [[self.label(self.builds[i]), self.builds[i]["run_id"][:8],
-                 *[_fmt(self.final(self.builds[i]).get(m), "{:.4g}") for m, _ in self.objectives]]
+                 *[format_value(self.final(self.builds[i]).get(m), "{:.4g}") for m, _ in self.objectives]]
                 for i in sorted(self.front(), key=lambda i: self.final(self.builds[i]).get(self.objectives[0][0], 0))]
         return header, rows
 
@@ -151,7 +143,8 @@ class Report:
                 else:
                     deltas.append("-")
             rows.append([s["name"], s["tags"].get("kind", "?"), "yes" if s["tags"].get("cache_hit") == "true" else "no",
-                         _fmt(m.get("stage/seconds"), "{:.1f}"), *[_fmt(m.get(c[0]), c[2]) for c in cols], *deltas])
+                         format_value(m.get("stage/seconds"), "{:.1f}"),
+                         *[format_value(m.get(c[0]), c[2]) for c in cols], *deltas])
         return header, rows
 
     def environment_rows(self) -> tuple[list[str], list[list[str]]]:

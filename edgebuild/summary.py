@@ -31,7 +31,7 @@ COLUMNS = [  # (metric, header, format)
 ]
 
 
-def _fmt(value: Any, fmt: str) -> str:
+def format_value(value: Any, fmt: str) -> str:
     if value is None:
         return "-"
     try:
@@ -45,13 +45,13 @@ def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     cols = [c for c in COLUMNS if any(c[0] in s["metrics"] for s in stages)]
     header = ["stage", "kind", "cached", "s", *[c[1] for c in cols]]
     rows = [[s["name"], s["kind"], "yes" if s["cache_hit"] else "no", f"{s['seconds']:.1f}",
-             *[_fmt(s["metrics"].get(c[0]), c[2]) for c in cols]] for s in stages]
+             *[format_value(s["metrics"].get(c[0]), c[2]) for c in cols]] for s in stages]
     return header, rows
 
 
 def budget_rows(budget: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["limit", "from", "metric", "value", "limit value", "ok"]
-    rows = [[c["budget"], c["source"], c["metric"], _fmt(c["value"], "{:.4g}"), f"{c['op']} {c['limit']:.4g}",
+    rows = [[c["budget"], c["source"], c["metric"], format_value(c["value"], "{:.4g}"), f"{c['op']} {c['limit']:.4g}",
              "ok" if c["ok"] else "VIOLATED"] for c in budget["checks"]]
     return header, rows
 
