@@ -29,6 +29,30 @@ def count_macs(model: Any, input_shape: list[int]) -> tuple[int, int]:
     return int(counter.get_total_flops() // 2), int(params)
 
 
+def layer_macs(model: Any, input_shape: list[int]) -> dict[str, tuple[Any, int]]:
+    """Dense MACs of every conv and linear layer at batch 1: {name: (module, MACs)}, each output
+    element costing one multiply-add per weight of its filter (in/groups x kernel, or in_features)."""
+    import torch
+    from torch import nn
+
+    out: dict[str, tuple[Any, int]] = {}
+
+    def hook(name: str) -> Any:
+        def count(m: Any, _inputs: Any, y: Any) -> None:  # a module called twice counts twice
+            out[name] = (m, out.get(name, (m, 0))[1] + int(y.numel() * m.weight[0].numel()))
+        return count
+
+    hooks = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
+             if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros([1, *list(input_shape)[1:]]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
 def size_metrics(root: Path, files: list[str]) -> dict[str, int]:
     """Bytes on disk and bytes after zip (deflate) — what zeros and shared weights compress to."""
     total = sum((root / f).stat().st_size for f in files)

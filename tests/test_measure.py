@@ -41,3 +41,13 @@ def test_zip_size_sees_zeros(tmp_path):
     d, s = size_metrics(tmp_path, ["dense.bin"]), size_metrics(tmp_path, ["sparse.bin"])
     assert d["size/bytes"] == s["size/bytes"] == 200_000
     assert s["size/zip_bytes"] < d["size/zip_bytes"] / 3
+
+
+def test_per_layer_macs_follow_the_textbook():
+    from edgebuild.evaluate import layer_macs
+
+    separable = nn.Sequential(nn.Conv2d(3, 3, 3, groups=3, bias=False), nn.Conv2d(3, 128, 1, bias=False),
+                              nn.Flatten(), nn.Linear(128 * 64, 10))
+    per_layer = {name: macs for name, (_, macs) in layer_macs(separable, [1, 3, 10, 10]).items()}
+    assert per_layer == {"0": 1_728, "1": 24_576, "3": 81_920}
+    assert sum(per_layer.values()) == count_macs(separable, [1, 3, 10, 10])[0]

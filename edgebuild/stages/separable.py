@@ -80,24 +80,11 @@ def is_eligible(m: Any) -> bool:
 
 def conv_macs(model: Any, input_shape: list[int]) -> dict[str, int]:
     """MACs of every Conv2d at batch 1 (textbook formula from the traced output shape)."""
-    import torch
     from torch import nn
 
-    out: dict[str, int] = {}
-    hooks = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            def hook(mod: Any, _inp: Any, y: Any, name: str = name) -> None:
-                kh, kw = mod.kernel_size
-                out[name] = int(y[0].numel() * (mod.in_channels // mod.groups) * kh * kw)
-            hooks.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros([1, *list(input_shape)[1:]]))
-    finally:
-        for h in hooks:
-            h.remove()
-    return out
+    from edgebuild.evaluate import layer_macs
+
+    return {name: macs for name, (m, macs) in layer_macs(model, input_shape).items() if isinstance(m, nn.Conv2d)}
 
 
 def separable_block(conv: Any, batchnorm: bool, activation: str | None) -> tuple[Any, float]:

@@ -101,28 +101,9 @@ def overall_sparsity(table: dict[str, dict[str, float]], layers: list[str] | Non
 def effective_macs(model: Any, input_shape: list[int]) -> int:
     """MACs at batch 1 when multiplications by zero weights are skipped (what sparse hardware could
     gain; dense CPU runtimes still do every multiplication)."""
-    import torch
-    from torch import nn
+    from edgebuild.evaluate import layer_macs
 
-    total = [0.0]
-
-    def hook(m: Any, inputs: Any, out: Any) -> None:
-        density = float((m.weight != 0).float().mean())
-        if isinstance(m, nn.Linear):
-            total[0] += out.numel() / out.shape[-1] * m.in_features * m.out_features * density
-        else:
-            per_output = m.weight[0].numel()  # (in / groups) x kernel
-            total[0] += out.numel() * per_output * density
-
-    hooks = [m.register_forward_hook(hook) for m in model.modules()
-             if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros([1, *list(input_shape)[1:]]))
-    finally:
-        for h in hooks:
-            h.remove()
-    return int(total[0])
+    return int(sum(macs * float((m.weight != 0).float().mean()) for m, macs in layer_macs(model, input_shape).values()))
 
 
 def validate(model: Any, ctx: Any, limit: int | None = None) -> float:
