@@ -31,12 +31,18 @@ SPARSE_NOTE = ("unstructured sparsity leaves the layer shapes as they are: dense
 
 @dataclass
 class Until:
-    """Prune to an accuracy floor: raise the channel ratio by `step` until the validation drop
-    exceeds `max_acc_drop` (percentage points of the task's primary metric), keep the last model within."""
+    """Prune to an accuracy floor: raise the channel ratio by `step` until the validation drop of the
+    task's primary metric exceeds the limit, keep the last model within. The limit is in points (x100):
+    `max_acc_drop` (pp of top-1) or, for detectors, `max_map_drop` (points of mAP@[.5:.95]; wins when set)."""
 
     max_acc_drop: float = 1.0
+    max_map_drop: float | None = None
     step: float = 0.1
     max_ratio: float = 0.9
+
+    @property
+    def limit(self) -> float:
+        return self.max_map_drop if self.max_map_drop is not None else self.max_acc_drop
 
 
 @dataclass
@@ -84,8 +90,8 @@ class Prune(FitConfig, Stage):
                 "use mode: structured, or give unstructured sparsity as `ratio`")
         if self.until is not None:
             u = self.until
-            if not (0 < u.step < 1 and u.step <= u.max_ratio < 1 and u.max_acc_drop >= 0):
-                bad(f"until {u} is invalid", "use 0 < step <= max_ratio < 1 and max_acc_drop >= 0")
+            if not (0 < u.step < 1 and u.step <= u.max_ratio < 1 and u.limit >= 0):
+                bad(f"until {u} is invalid", "use 0 < step <= max_ratio < 1 and max_acc_drop (max_map_drop) >= 0")
             if self.macs_target is not None:
                 bad("until and macs_target exclude each other", "the floor loop raises the channel ratio itself")
         weights.check_float_input(self, cfg)
@@ -153,10 +159,10 @@ class Prune(FitConfig, Stage):
             return candidate, drop, {ctx.task.primary_metric: value, "val/drop": drop, "macs": macs,
                                      "macs/fraction": macs / base_macs}
 
-        kept, steps = search_floor(ratios, attempt, u.max_acc_drop)
+        kept, steps = search_floor(ratios, attempt, u.limit)
         if kept is None:
             raise EdgebuildError(f"prune: even ratio {ratios[0]} drops {steps[0]['metrics']['val/drop']:.2f} points, "
-                                 f"more than until.max_acc_drop={u.max_acc_drop}",
+                                 f"more than the floor's limit of {u.limit} points",
                                  "use a smaller until.step, more fine-tuning epochs, or a larger max_acc_drop")
         return kept[1], steps
 

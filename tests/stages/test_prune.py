@@ -217,3 +217,16 @@ def test_pruning_an_exported_model_is_refused(tmp_path):
     with pytest.raises(EdgebuildError, match="already an exported"):
         testing.build(testing.shrink(tmp_path) + TINY + ["stages.train.epochs=1", "+stages.p={kind: prune}"], tmp_path)
 
+
+
+def test_floor_limit_is_in_points_of_the_primary_metric_map_drop_for_detectors(tmp_path):
+    from edgebuild.errors import EdgebuildError
+    from edgebuild.stage import build_stage
+
+    cfg = testing.compose(testing.shrink(tmp_path) + TINY)
+    acc = build_stage("floor", {"kind": "prune", "until": {"max_acc_drop": 2.0}})
+    det = build_stage("floor", {"kind": "prune", "until": {"max_acc_drop": 2.0, "max_map_drop": 0.5}})
+    assert (acc.until.limit, det.until.limit) == (2.0, 0.5)
+    bad = build_stage("floor", {"kind": "prune", "until": {"max_map_drop": -1.0}})
+    with pytest.raises(EdgebuildError, match="until"):
+        bad.check(cfg)
