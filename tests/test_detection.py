@@ -180,3 +180,20 @@ def test_bad_yolo_label_exits_2_naming_the_file_before_any_work(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "a.txt:1" in r.stderr + r.stdout
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("record.json"))
+
+
+def test_accuracy_controlled_ptq_fp16_and_qat_work_on_a_detector(built):
+    """The task-agnostic compression stages on the trained SSD: mAP measured, INT8 where claimed."""
+    tmp, overrides, _ = built
+    extra = ["stages.quantize=null", "+stages.acq={kind: quantize, input: train, max_drop: 0.01}",
+             "+stages.half={kind: fp16, input: train}", "+stages.qat={kind: qat, input: train, epochs: 1}"]
+    s = testing.build(overrides + extra, tmp, recipe="ssd_int8", run_name="compressed")
+    assert stage(s, "train")["cache_hit"]
+    train = stage(s, "train")["metrics"]
+    for name in ("acq", "qat"):
+        m = stage(s, name)["metrics"]
+        assert m["int8/ops_fraction"] > 0.9 and m["size/bytes"] < train["size/bytes"] / 2.5
+        assert m["map/50"] > 0.1 and "latency/postprocess_ms" in m
+    assert stage(s, "acq")["metrics"]["quantize/fp_layers"] >= 0
+    half = stage(s, "half")["metrics"]
+    assert half["size/bytes"] < 0.6 * train["size/bytes"] and abs(half["map/50_95"] - train["map/50_95"]) < 0.01
