@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from edgebuild.errors import EdgebuildError
 
@@ -51,7 +51,7 @@ class Stage:
     uses: ClassVar[tuple[str, ...]] = ("data", "task")
     tasks: ClassVar[tuple[str, ...]] = ("classification", "detection")
 
-    input: Optional[str] = None  # the stage whose artifact this one consumes; default: the previous
+    input: str | None = None  # the stage whose artifact this one consumes; default: the previous
 
     def references(self) -> list[str]:
         """Other stages this one reads besides its input (e.g. a distillation teacher)."""
@@ -65,6 +65,19 @@ class Stage:
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "input"}
+
+
+def check_patterns(stage: Stage, **options: list[str]) -> None:
+    """Plan time: every layer-name regex of a stage option compiles (else one clear message, exit 2)."""
+    import re
+
+    for option, patterns in options.items():
+        for pattern in patterns or []:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise EdgebuildError(f"{stage.kind}: {option} entry {pattern!r} is not a regex: {e}",
+                                     "give module names (e.g. features.3) or valid regular expressions") from None
 
 
 def stage_class(kind: str) -> type[Stage]:

@@ -17,7 +17,7 @@ import numpy as np
 from edgebuild.artifact import Artifact, write_json
 from edgebuild.errors import EdgebuildError
 from edgebuild.finetune import DEFAULT_SCHEDULER, FitConfig, fit
-from edgebuild.stage import Stage, StageResult
+from edgebuild.stage import Stage, StageResult, check_patterns
 from edgebuild.stages import weights
 
 QUANTIZE_NOTE = ("clustered weights hold few distinct values: they compress well (size/zip_bytes) but run at the "
@@ -49,6 +49,7 @@ class Cluster(FitConfig, Stage):
                                  "use e.g. n_clusters: 16 (4-bit indices) or 32")
         if self.init not in ("linear", "k-means++"):
             raise EdgebuildError(f"cluster: unknown init {self.init!r}", "use linear or k-means++")
+        check_patterns(self, layers=self.layers, ignore=self.ignore)
         weights.check_float_input(self, cfg)
 
     def run(self, ctx: Any) -> StageResult:

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from edgebuild.artifact import Artifact, write_json
 from edgebuild.errors import EdgebuildError
 from edgebuild.finetune import DEFAULT_SCHEDULER, FitConfig, fit
-from edgebuild.stage import Stage, StageResult
+from edgebuild.stage import Stage, StageResult, check_patterns
 from edgebuild.stages import weights
 
 MODES = ("structured", "unstructured")
@@ -94,6 +94,7 @@ class Prune(FitConfig, Stage):
                 bad(f"until {u} is invalid", "use 0 < step <= max_ratio < 1 and max_acc_drop (max_map_drop) >= 0")
             if self.macs_target is not None:
                 bad("until and macs_target exclude each other", "the floor loop raises the channel ratio itself")
+        check_patterns(self, layers=self.layers, ignore=self.ignore)
         weights.check_float_input(self, cfg)
 
     def run(self, ctx: Any) -> StageResult:

@@ -24,7 +24,7 @@ import numpy as np
 
 from edgebuild.artifact import IR_FILE, ONNX_FILE, Artifact, write_json
 from edgebuild.errors import EdgebuildError
-from edgebuild.stage import Stage, StageResult
+from edgebuild.stage import Stage, StageResult, check_patterns
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +64,7 @@ class Quantize(Stage):
         if self.max_drop is not None and not 0 < self.max_drop < 1:
             raise EdgebuildError(f"quantize: max_drop={self.max_drop} is not a fraction of the metric",
                                  "use e.g. max_drop=0.01 for at most 1 pp of top-1 (or 0.01 mAP)")
-        for pattern in self.ignored_patterns:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise EdgebuildError(f"quantize: ignored_patterns entry {pattern!r} is not a regex: {e}",
-                                     "fix the regular expression") from None
+        check_patterns(self, ignored_patterns=self.ignored_patterns)
         if cfg.target.runtime == "onnxruntime":
             asked = [f"{k}={getattr(self, k)}" for k in OPENVINO_ONLY if getattr(self, k) is not None]
             if asked:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from edgebuild.artifact import Artifact
 from edgebuild.errors import EdgebuildError
-from edgebuild.stage import Stage, StageResult
+from edgebuild.stage import Stage, StageResult, check_patterns
 
 ACTIVATIONS = ("relu", "relu6")
 
@@ -32,12 +32,7 @@ class Separable(Stage):
     activation: str | None = None  # relu | relu6 between them (after the BatchNorm); null = linear
 
     def check(self, cfg: Any) -> None:
-        for pattern in self.layers:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise EdgebuildError(f"separable layer pattern {pattern!r} is not a regex: {e}",
-                                     "give module names (e.g. features.3) or valid regexes") from None
+        check_patterns(self, layers=self.layers)
         if self.activation not in (None, *ACTIVATIONS):
             raise EdgebuildError(f"separable activation {self.activation!r} is not supported",
                                  f"use one of {list(ACTIVATIONS)} or null")

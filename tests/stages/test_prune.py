@@ -189,6 +189,7 @@ ALONE = ["stages.train=null", "stages.export=null"]
     pytest.param("{kind: prune, epochs: 0, macs_target: 0.001}", [], "cannot be reached without removing whole layers",
                  id="unreachable"),
     pytest.param("{kind: prune, epochs: 0, layers: ['^no_such_layer']}", [], "matches no layer", id="regex"),
+    pytest.param("{kind: prune, epochs: 0, ignore: ['(']}", [], "ignore entry '(' is not a regex", id="bad-regex"),
     pytest.param("{kind: prune, epochs: 0}", ["model._target_=tests.stages.test_prune.quantized_cnn"],
                  "already quantized", id="quantized-model"),
     pytest.param("{kind: prune, epochs: 0, ratio: 0.5}", ["model._target_=tests.stages.test_prune.FixedGainNet"],
