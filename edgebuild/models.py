@@ -39,7 +39,8 @@ def build_model(cfg: Any, dm: Any) -> Any:
     if cfg._target_:
         fn = _resolve(cfg._target_)
         accepted = _accepted(fn)
-        extra = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels)) if k in accepted}
+        scored = num_classes + getattr(dm, "background_classes", 0)  # torchvision detectors count the background
+        extra = {k: v for k, v in (("num_classes", scored), ("in_channels", in_channels)) if k in accepted}
         model = instantiate({"_target_": cfg._target_, **extra, **kwargs})
     elif cfg.name in BUILTIN:
         model = BUILTIN[cfg.name](num_classes=num_classes, in_channels=in_channels, **kwargs)

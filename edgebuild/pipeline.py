@@ -155,7 +155,7 @@ class Builder:
 
             torch.manual_seed(self.cfg.seed)
             model = build_model(self.cfg.model, self.data)
-            self.task.check_model(model, self.data)
+            model = self.task.prepare_model(model, self.data)
             meta = {**self.data.meta(), **self.task.deploy_meta(), "model": self.cfg.model.name}
             art = Artifact.save_torch(model, folder / "artifact", meta)
             art.digest = key  # identified by its description: pickles of equal models may differ

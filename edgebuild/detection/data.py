@@ -385,6 +385,7 @@ class DetectionDataModule(DataModule):
 
     sources = SOURCES
     stratify = False  # targets are box lists, not class ids
+    background_classes = 1  # what a torchvision detector's num_classes counts besides the objects
 
     def dataset(self, split: str, train: bool = False) -> Any:
         return _BoxImages(self, self.splits[split], augment=train and self.cfg.augment)

@@ -103,8 +103,7 @@ class Distill(FitConfig, Stage):
 
         torch.manual_seed(ctx.seed)
         model = build_model(model_conf(self.student_model), ctx.data)
-        ctx.task.check_model(model, ctx.data)
-        return model
+        return ctx.task.prepare_model(model, ctx.data)
 
     def _teacher(self, ctx: Any) -> tuple[Any, list[int]]:
         """(frozen teacher in eval mode, the input shape it takes)."""
@@ -118,6 +117,7 @@ class Distill(FitConfig, Stage):
         model = build_model(cfg, ctx.data)
         if self.teacher_weights:
             load_weights(model, Path(self.teacher_weights).expanduser(), strict=cfg.strict_weights)
+        model = ctx.task.prepare_model(model, ctx.data)
         return model.eval().requires_grad_(False), list(ctx.data.input_shape)
 
 

@@ -29,7 +29,8 @@ class Classification:
                                  f"use one of {', '.join(self.data_sources)} or pick the task that fits the data")
         return DataModule(data_cfg, cache_dir)
 
-    def check_model(self, model: Any, dm: Any) -> None:
+    def prepare_model(self, model: Any, dm: Any) -> Any:
+        """The model as the pipeline uses it, after checking its outputs fit the data."""
         import torch
 
         model.eval()
@@ -41,6 +42,7 @@ class Classification:
         if out.shape[1] != dm.num_classes:
             raise EdgebuildError(f"model outputs {out.shape[1]} classes, the data has {dm.num_classes}",
                                  "set model.num_classes to the data's class count (or leave it unset)")
+        return model
 
     def output_layers(self, model: Any) -> list[Any]:
         """The modules producing the outputs (the final classifier: the last Linear, else the last

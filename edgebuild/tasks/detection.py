@@ -47,9 +47,14 @@ class Detection:
         self.image_size = (data_cfg.image_size, data_cfg.image_size)
         return DetectionDataModule(data_cfg, cache_dir)
 
-    def check_model(self, model: Any, dm: Any) -> None:
+    def prepare_model(self, model: Any, dm: Any) -> Any:
+        """The model returning raw outputs (a torchvision SSD, e.g. from a `_target_`, is wrapped into
+        backbone + head + fixed anchors), after checking they fit the data."""
         import torch
 
+        from edgebuild.detection.models import as_raw_detector
+
+        model = as_raw_detector(model, list(dm.input_shape))
         model.eval()
         with torch.no_grad():
             out = model(torch.zeros(dm.input_shape))
@@ -65,6 +70,7 @@ class Detection:
             raise EdgebuildError(f"the detector scores {shapes[1][2] - 1} classes (+ background), "
                                  f"the data has {dm.num_classes}",
                                  "set model.num_classes to the data's class count (or leave it unset)")
+        return model
 
     def output_layers(self, model: Any) -> list[Any]:
         """The head's output convolutions: a channel pruner must keep them whole."""
