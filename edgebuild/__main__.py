@@ -3,9 +3,9 @@
 In a multirun (-m) every job is tagged with one `sweep_id` and returns its `sweep.objectives`
 (what the Optuna sweeper optimizes); `edgebuild.sweep.SweepEnd` records the Pareto front at the end.
 
-Exit codes: 0 built and within budget; 1 budget violated (artifacts and runs are kept as evidence)
-or a Hydra compose error; 2 a problem edgebuild detected (message names it and the fix);
-130 interrupted (finished stages stay cached).
+Exit codes: 0 built and within budget; 1 budget violated (artifacts and runs are kept as evidence);
+2 a problem in the input (message names it and the fix), including a config Hydra cannot compose
+(unknown key, config group option or override syntax); 130 interrupted (finished stages stay cached).
 """
 
 from __future__ import annotations
@@ -28,7 +28,11 @@ QUIET = ("pytorch_lightning", "pytorch_lightning.utilities.rank_zero", "lightnin
          "lightning_fabric", "lightning.fabric.utilities.rank_zero", "nncf", "alembic", "mlflow")
 
 
+COMPOSED = {"task_started": False}  # Hydra exits 1 on any error; before the task ran, it was the config's
+
+
 def run(cfg: Any) -> dict[str, Any] | list[float]:
+    COMPOSED["task_started"] = True
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -72,7 +76,14 @@ def main() -> None:
     import hydra
 
     register_configs()
-    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(run)()
+    try:
+        hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(run)()
+    except SystemExit as e:
+        if e.code == 1 and not COMPOSED["task_started"]:  # Hydra printed what it could not compose
+            print("edgebuild: error: the config above could not be composed (exit 2); `python -m edgebuild "
+                  "--help` lists the config groups and their options", file=sys.stderr)
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":

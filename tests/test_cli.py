@@ -22,9 +22,10 @@ def summaries(cwd):
 
 
 @pytest.mark.parametrize("args,rc,message", [
-    pytest.param(["recipe=zz_no_such_recipe"], 1, "Could not find 'recipe/zz_no_such_recipe'", id="unknown-recipe"),
-    pytest.param(["no_such_key=1"], 1, "Could not override 'no_such_key'", id="unknown-key"),
-    pytest.param(["stages.train.epochs=many"], 1, "could not be converted to Integer", id="wrong-type"),
+    pytest.param(["recipe=zz_no_such_recipe"], 2, "Could not find 'recipe/zz_no_such_recipe'", id="unknown-recipe"),
+    pytest.param(["target=tpu"], 2, "Could not find 'target/tpu'", id="unknown-target"),
+    pytest.param(["no_such_key=1"], 2, "Could not override 'no_such_key'", id="unknown-key"),
+    pytest.param(["stages.train.epochs=many"], 2, "could not be converted to Integer", id="wrong-type"),
     pytest.param(["stages.train.kind=zz_no_such_stage"], 2, "unknown stage kind 'zz_no_such_stage'", id="unknown-stage"),
     pytest.param(["stages.train.input=export"], 2, "input 'export' comes later", id="input-later"),
     pytest.param(["data=imagefolder", "data.root=/nonexistent/folder"], 2, "does not exist", id="missing-data"),
