@@ -44,6 +44,7 @@ def plan(cfg: Any) -> list[tuple[str, Stage, str]]:
     """Validate the stage graph before any work: kinds, options, inputs and references, tasks."""
     stages: list[tuple[str, Stage, str]] = []
     names: list[str] = []
+    precision = {SOURCE: "fp32"}  # of each stage's output
     for name, node in (cfg.stages or {}).items():
         if node is None:  # `stages.export=null` switches a stage off
             continue
@@ -59,6 +60,11 @@ def plan(cfg: Any) -> list[tuple[str, Stage, str]]:
         if cfg.task.name not in stage.tasks:
             raise EdgebuildError(f"stage {name!r} (kind {stage.kind}) does not apply to task {cfg.task.name}",
                                  f"remove it from the recipe; it supports: {', '.join(stage.tasks)}")
+        if stage.needs_float_input and precision[source] != "fp32":
+            raise EdgebuildError(f"stages.{name}: its input {source!r} is already quantized ({precision[source]}); "
+                                 f"{stage.kind} needs an fp32 model",
+                                 f"point stages.{name}.input to an fp32 stage, and quantize or compress last")
+        precision[name] = stage.output_precision or precision[source]
         stage.check(cfg)
         stages.append((name, stage, source))
         names.append(name)

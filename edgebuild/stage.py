@@ -50,6 +50,10 @@ class Stage:
     # which parts of the build config change this stage's output (they enter its cache key)
     uses: ClassVar[tuple[str, ...]] = ("data", "task")
     tasks: ClassVar[tuple[str, ...]] = ("classification", "detection")
+    # precision flow, checked at plan time: the precision of this stage's output (None: its input's), and
+    # whether it needs fp32 weights (so an INT8 or FP16 input is refused before any work)
+    output_precision: ClassVar[str | None] = None
+    needs_float_input: ClassVar[bool] = False
 
     input: str | None = None  # the stage whose artifact this one consumes; default: the previous
 

@@ -29,6 +29,7 @@ QUANTIZE_NOTE = ("clustered weights hold few distinct values: they compress well
 @dataclass
 class Cluster(FitConfig, Stage):
     kind: ClassVar[str] = "cluster"
+    needs_float_input: ClassVar[bool] = True
     version: ClassVar[int] = 1
     uses: ClassVar[tuple[str, ...]] = ("data", "task", "trainer")
 
@@ -50,7 +51,6 @@ class Cluster(FitConfig, Stage):
         if self.init not in ("linear", "k-means++"):
             raise EdgebuildError(f"cluster: unknown init {self.init!r}", "use linear or k-means++")
         check_patterns(self, layers=self.layers, ignore=self.ignore)
-        weights.check_float_input(self, cfg)
 
     def run(self, ctx: Any) -> StageResult:
         from torch.nn.utils import parametrize

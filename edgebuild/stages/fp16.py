@@ -19,6 +19,8 @@ WEIGHTS = ("fp16", "int8")
 @dataclass
 class FP16(Stage):
     kind: ClassVar[str] = "fp16"
+    output_precision: ClassVar[str | None] = "fp16"
+    needs_float_input: ClassVar[bool] = True
     version: ClassVar[int] = 2
     uses: ClassVar[tuple[str, ...]] = ("task", "target_format")
 

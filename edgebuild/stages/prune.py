@@ -48,6 +48,7 @@ class Until:
 @dataclass
 class Prune(FitConfig, Stage):
     kind: ClassVar[str] = "prune"
+    needs_float_input: ClassVar[bool] = True
     version: ClassVar[int] = 1
     uses: ClassVar[tuple[str, ...]] = ("data", "task", "trainer", "calibration")
 
@@ -95,7 +96,6 @@ class Prune(FitConfig, Stage):
             if self.macs_target is not None:
                 bad("until and macs_target exclude each other", "the floor loop raises the channel ratio itself")
         check_patterns(self, layers=self.layers, ignore=self.ignore)
-        weights.check_float_input(self, cfg)
 
     def run(self, ctx: Any) -> StageResult:
         model = weights.load_float_model(ctx, "prune")

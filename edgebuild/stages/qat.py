@@ -19,6 +19,8 @@ from edgebuild.stages.quantize import PRESETS, verify_int8
 @dataclass
 class QAT(FitConfig, Stage):
     kind: ClassVar[str] = "qat"
+    output_precision: ClassVar[str | None] = "int8"
+    needs_float_input: ClassVar[bool] = True
     version: ClassVar[int] = 1
     uses: ClassVar[tuple[str, ...]] = ("data", "task", "trainer", "calibration")
 

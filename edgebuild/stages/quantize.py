@@ -42,6 +42,8 @@ SLOWER_THAN = 1.1  # an INT8 speed-up below this is reported as "not faster" (no
 @dataclass
 class Quantize(Stage):
     kind: ClassVar[str] = "quantize"
+    output_precision: ClassVar[str | None] = "int8"
+    needs_float_input: ClassVar[bool] = True
     version: ClassVar[int] = 1
     uses: ClassVar[tuple[str, ...]] = ("data", "task", "calibration", "target_format")
 

@@ -21,6 +21,7 @@ from edgebuild.stage import Stage, StageResult
 @dataclass
 class Resolution(FitConfig, Stage):
     kind: ClassVar[str] = "resolution"
+    needs_float_input: ClassVar[bool] = True
     version: ClassVar[int] = 1
     uses: ClassVar[tuple[str, ...]] = ("data", "task", "trainer")
     tasks: ClassVar[tuple[str, ...]] = ("classification",)  # resizing detection data would also move the boxes

@@ -23,6 +23,7 @@ ACTIVATIONS = ("relu", "relu6")
 @dataclass
 class Separable(Stage):
     kind: ClassVar[str] = "separable"
+    needs_float_input: ClassVar[bool] = True
     version: ClassVar[int] = 1
     uses: ClassVar[tuple[str, ...]] = ()  # a pure function of the input model and the options
 

@@ -11,16 +11,6 @@ import numpy as np
 
 from edgebuild.errors import EdgebuildError
 
-QUANTIZED_STAGES = ("quantize", "qat", "fp16")
-
-
-def check_float_input(stage: Any, cfg: Any) -> None:
-    """Plan time: an explicit input that is a quantizing stage is refused before any work."""
-    node = (cfg.stages or {}).get(stage.input) if stage.input else None
-    if node is not None and node.get("kind") in QUANTIZED_STAGES:
-        raise EdgebuildError(f"{stage.kind} cannot take the already-quantized output of stage {stage.input!r}",
-                             f"put {stage.kind} before {node.get('kind')} (compress the float model, then quantize)")
-
 
 def load_float_model(ctx: Any, stage_kind: str) -> Any:
     """The input as a float torch model; exported or quantized inputs are refused with the reason."""

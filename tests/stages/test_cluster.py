@@ -75,13 +75,12 @@ def test_kmeans_never_asks_for_more_clusters_than_distinct_values():
 
 
 def test_bad_input_is_refused_before_any_work(tmp_path):
-    from omegaconf import OmegaConf
-
     cfg = testing.compose(testing.shrink(tmp_path) + ["data=synthetic", "+stages.c={kind: cluster, n_clusters: 1}"])
     with pytest.raises(EdgebuildError, match="outside"):
         plan(cfg)
     cfg = testing.compose(testing.shrink(tmp_path) + ["data=synthetic", "+stages.c={kind: cluster, layers: ['[0-']}"])
     with pytest.raises(EdgebuildError, match="layers entry .* is not a regex"):
         plan(cfg)
-    with pytest.raises(EdgebuildError, match="already-quantized"):
-        Cluster(input="q").check(OmegaConf.create({"stages": {"q": {"kind": "quantize"}}}))
+    cfg = testing.compose(testing.shrink(tmp_path) + ["+stages.q={kind: quantize}", "+stages.c={kind: cluster}"])
+    with pytest.raises(EdgebuildError, match="its input 'q' is already quantized"):
+        plan(cfg)

@@ -202,16 +202,21 @@ def test_bad_input_is_a_clear_error_and_nothing_is_written(tmp_path, stage_cfg, 
     assert not list(Path(tmp_path, "cache").glob("*/*/result.json"))[1:]  # at most the model source, no stage
 
 
-@pytest.mark.parametrize("kind", ["quantize", "qat", "fp16"])
-def test_pruning_a_quantized_stage_is_refused_at_plan_time(kind):
-    from omegaconf import OmegaConf
+@pytest.mark.parametrize("kind,then", [("quantize", "prune"), ("qat", "cluster"), ("fp16", "prune"),
+                                        ("quantize", "separable"), ("qat", "quantize"), ("quantize", "fp16")])
+@pytest.mark.parametrize("explicit", [True, False])
+def test_a_quantized_input_is_refused_at_plan_time(kind, then, explicit):
+    from edgebuild.pipeline import plan
 
-    from edgebuild.stages.weights import check_float_input
-
-    cfg = OmegaConf.create({"stages": {"q": {"kind": kind}, "p": {"kind": "prune", "input": "q"}}})
-    with pytest.raises(EdgebuildError, match="already-quantized"):
-        Prune(input="q").check(cfg)
-    check_float_input(Prune(input=None), cfg)  # the implicit input is checked when the model is loaded
+    after = {"kind": "export"}  # an implicit input passes the precision through a stage that keeps it
+    stages = {"train": {"kind": "train"}, "q": {"kind": kind}, "x": after, "p": {"kind": then}}
+    if explicit:
+        stages["p"]["input"] = "q"
+    cfg = testing.compose([f"+stages={stages}".replace("'", "")])
+    with pytest.raises(EdgebuildError, match=rf"stages.p: its input '{'q' if explicit else 'x'}' is already quantized"):
+        plan(cfg)
+    stages["p"]["input"] = "train"
+    plan(testing.compose([f"+stages={stages}".replace("'", "")]))
 
 
 def test_pruning_an_exported_model_is_refused(tmp_path):

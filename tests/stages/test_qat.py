@@ -33,7 +33,7 @@ def test_qat_fine_tunes_and_exports_an_int8_ir(built):
     assert (deployable / "model.bin").stat().st_size * 2 < train["size/bytes"]
 
 
-def test_qat_needs_a_torch_model(built):
+def test_qat_refuses_an_int8_input_at_plan_time(built):
     tmp, overrides, _ = built
-    with pytest.raises(EdgebuildError, match="needs a torch model"):
+    with pytest.raises(EdgebuildError, match=r"its input .qat. is already quantized \(int8\)"):
         testing.build([*overrides, "+stages.again={kind: qat, input: qat}"], tmp, run_name="again")
