@@ -156,9 +156,13 @@ def test_scale_out_presets_compose():
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         slurm = compose("config", ["hydra/launcher=edgebuild_slurm"], return_hydra_config=True)
+        ray = compose("config", ["hydra/launcher=edgebuild_ray", "hydra.launcher.ray.init.address=auto"],
+                      return_hydra_config=True)
         optuna = compose("config", ["hydra/sweeper=edgebuild_pareto"], return_hydra_config=True)
         ddp = compose("config", ["trainer=ddp"])
     assert slurm.hydra.launcher._target_.endswith("SlurmLauncher") and slurm.hydra.launcher.cpus_per_task == 2
+    assert ray.hydra.launcher._target_ == "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
+    assert ray.hydra.launcher.ray.init.address == "auto" and ray.hydra.launcher.ray.remote.num_cpus == 2
     assert optuna.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert list(optuna.hydra.sweeper.direction) == ["maximize", "minimize"]
     assert list(optuna.sweep.objectives) == ["acc/top1:max", "latency/p50_ms:min"]
