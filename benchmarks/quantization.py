@@ -23,9 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+import cifar_baseline
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "cifar10-train.tar.gz"
 
 
@@ -57,7 +59,10 @@ def direct_nncf(summary: dict, cfg, folder: Path) -> tuple[Path, dict]:
     dm = task.datamodule(cfg.data, Path(cfg.cache.dir))
     shape = dm.input_shape
     ov_model = ov.convert_model(model, example_input=torch.zeros(shape))
-    images = dm.loader("train", batch_size=1)
+    # shuffled, as a user's loader would be: the split keeps the folder's class order, and NNCF's first
+    # 300 samples in that order would all be one class
+    images = torch.utils.data.DataLoader(dm.dataset("train"), batch_size=1, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
     quantized = nncf.quantize(ov_model, nncf.Dataset(images, lambda item: item[0].numpy()))
     folder.mkdir(parents=True, exist_ok=True)
     ov.save_model(quantized, str(folder / "model.xml"), compress_to_fp16=False)
@@ -103,8 +108,8 @@ def interleaved_latency(models: dict[str, Path], size: int, rounds: int, iterati
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(DATA))
-    p.add_argument("--limit", type=int, default=20000, help="images used (the shared baseline: 20000)")
-    p.add_argument("--epochs", type=int, default=6, help="FP32 training epochs (the shared baseline: 6)")
+    p.add_argument("--limit", type=int, default=cifar_baseline.LIMIT, help="images used")
+    p.add_argument("--epochs", type=int, default=cifar_baseline.EPOCHS, help="FP32 training epochs")
     p.add_argument("--qat-epochs", type=int, default=1, help="0 skips QAT")
     p.add_argument("--max-drop", type=float, default=0.005, help="accuracy control: max top-1 drop (fraction)")
     p.add_argument("--rounds", type=int, default=5)
@@ -114,8 +119,7 @@ def main() -> None:
     args = p.parse_args()
     out = Path(args.out)
     load_start = os.getloadavg()[0]
-    base = ["model=mobilenet_v2", "data=imagefolder", f"data.root={args.data}", f"data.limit={args.limit}",
-            f"stages.train.epochs={args.epochs}", f"cache.dir={args.cache_dir}"]
+    base = cifar_baseline.overrides(args.data, args.limit, args.epochs, args.cache_dir)
     stages = ["stages.export=null", "budget.min_acc=null", "+stages.ptq={kind: quantize}",
               f"+stages.ptq_ac={{kind: quantize, input: train, max_drop: {args.max_drop}}}",
               "+stages.fp16={kind: fp16, input: train}"]
