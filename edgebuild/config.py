@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from edgebuild.errors import EdgebuildError
 
@@ -31,12 +31,12 @@ class TaskConf:
 class ModelConf:
     # built-in name ("cnn"), a torchvision model name ("mobilenet_v2"), or "custom" with _target_
     name: str = "cnn"
-    _target_: Optional[str] = None
-    num_classes: Optional[int] = None  # default: the data's class count
-    in_channels: Optional[int] = None  # default: the data's channel count
-    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
+    _target_: str | None = None
+    num_classes: int | None = None  # default: the data's class count
+    in_channels: int | None = None  # default: the data's channel count
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
     small_input: bool = False  # torchvision models: stride-1 stem for 32x32-class inputs
-    weights: Optional[str] = None  # local state_dict file, or a torchvision weights name (needs network)
+    weights: str | None = None  # local state_dict file, or a torchvision weights name (needs network)
     strict_weights: bool = True
 
 
@@ -56,44 +56,44 @@ class CalibrationConf:
 @dataclass
 class DataConf:
     name: str = "digits"  # digits | synthetic | imagefolder | cifar10 (+ task-specific kinds)
-    root: Optional[str] = None
+    root: str | None = None
     image_size: int = 8
     channels: int = 1
-    mean: List[float] = field(default_factory=lambda: [0.5])
-    std: List[float] = field(default_factory=lambda: [0.5])
+    mean: list[float] = field(default_factory=lambda: [0.5])
+    std: list[float] = field(default_factory=lambda: [0.5])
     split: SplitConf = field(default_factory=SplitConf)
     calibration: CalibrationConf = field(default_factory=CalibrationConf)
     batch_size: int = 64
     num_workers: int = 0
     augment: bool = False
-    limit: Optional[int] = None  # use at most this many images (quick runs)
+    limit: int | None = None  # use at most this many images (quick runs)
     num_samples: int = 600  # generated datasets
     num_classes: int = 10  # generated datasets
-    options: Dict[str, Any] = field(default_factory=dict)  # loader-specific extras
+    options: dict[str, Any] = field(default_factory=dict)  # loader-specific extras
 
 
 @dataclass
 class BudgetConf:
-    min_acc: Optional[float] = None  # acc/top1, fraction 0..1
-    max_acc_drop: Optional[float] = None  # percentage points vs the first measured stage
-    min_map: Optional[float] = None
-    max_map_drop: Optional[float] = None  # points (x100) of map/50_95 vs the first measured stage
-    max_latency_ms: Optional[float] = None  # latency/p50_ms
-    max_size_bytes: Optional[int] = None
-    max_zip_bytes: Optional[int] = None
-    max_macs: Optional[int] = None
-    max_params: Optional[int] = None
-    max_ram_bytes: Optional[int] = None
-    max_flash_bytes: Optional[int] = None
+    min_acc: float | None = None  # acc/top1, fraction 0..1
+    max_acc_drop: float | None = None  # percentage points vs the first measured stage
+    min_map: float | None = None
+    max_map_drop: float | None = None  # points (x100) of map/50_95 vs the first measured stage
+    max_latency_ms: float | None = None  # latency/p50_ms
+    max_size_bytes: int | None = None
+    max_zip_bytes: int | None = None
+    max_macs: int | None = None
+    max_params: int | None = None
+    max_ram_bytes: int | None = None
+    max_flash_bytes: int | None = None
 
 
 @dataclass
 class HardwareSpec:
     name: str = "generic CPU"
-    peak_macs_per_s: Dict[str, float] = field(default_factory=dict)  # per precision: fp32, int8, ...
-    memory_bandwidth_bytes_per_s: Optional[float] = None
-    ram_bytes: Optional[int] = None
-    flash_bytes: Optional[int] = None
+    peak_macs_per_s: dict[str, float] = field(default_factory=dict)  # per precision: fp32, int8, ...
+    memory_bandwidth_bytes_per_s: float | None = None
+    ram_bytes: int | None = None
+    flash_bytes: int | None = None
 
 
 @dataclass
@@ -108,7 +108,7 @@ class TargetConf:
     require_device: bool = False
     spec: HardwareSpec = field(default_factory=HardwareSpec)
     budget: BudgetConf = field(default_factory=BudgetConf)
-    options: Dict[str, Any] = field(default_factory=dict)  # runtime-specific compile options
+    options: dict[str, Any] = field(default_factory=dict)  # runtime-specific compile options
 
 
 @dataclass
@@ -132,7 +132,7 @@ class ProfileConf:
 class EvalConf:
     split: str = "test"
     batch_size: int = 64
-    limit: Optional[int] = None  # evaluate on at most this many samples
+    limit: int | None = None  # evaluate on at most this many samples
     latency: LatencyConf = field(default_factory=LatencyConf)
     profile: ProfileConf = field(default_factory=ProfileConf)
 
@@ -147,16 +147,16 @@ class TrainerConf:
     enable_progress_bar: bool = False
     enable_model_summary: bool = False
     log_every_n_steps: int = 10
-    limit_train_batches: Optional[Any] = None
-    limit_val_batches: Optional[Any] = None
-    extra: Dict[str, Any] = field(default_factory=dict)  # any other Lightning Trainer argument
+    limit_train_batches: Any | None = None
+    limit_val_batches: Any | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # any other Lightning Trainer argument
 
 
 @dataclass
 class TrackingConf:
     enabled: bool = True
     uri: str = "sqlite:///outputs/mlflow.db"
-    experiment: Optional[str] = None  # default: edgebuild/<recipe>
+    experiment: str | None = None  # default: edgebuild/<recipe>
     artifact_location: str = "outputs/mlartifacts"
     log_model: bool = True  # the final deployable as run artifacts
 
@@ -171,7 +171,7 @@ class CacheConf:
 class SweepConf:
     # what each multirun job returns to the sweeper (Optuna) and what the Pareto front is computed
     # over: "metric:max" or "metric:min", read from the final stage's metrics
-    objectives: List[str] = field(default_factory=lambda: ["acc/top1:max", "latency/p50_ms:min"])
+    objectives: list[str] = field(default_factory=lambda: ["acc/top1:max", "latency/p50_ms:min"])
 
 
 @dataclass
@@ -189,7 +189,7 @@ class Config:
     cache: CacheConf = field(default_factory=CacheConf)
     sweep: SweepConf = field(default_factory=SweepConf)
     # named stages, run in declared order; each is validated against its stage's dataclass
-    stages: Dict[str, Any] = field(default_factory=dict)
+    stages: dict[str, Any] = field(default_factory=dict)
 
 
 def register_configs() -> None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 3e-3, "weight_decay": 1e-4}
 DEFAULT_SCHEDULER = {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "_partial_": True}
@@ -21,8 +22,8 @@ class FitConfig:
 
     epochs: int = 5
     optimizer: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_OPTIMIZER))
-    scheduler: Optional[dict[str, Any]] = field(default_factory=lambda: dict(DEFAULT_SCHEDULER))
-    early_stopping_patience: Optional[int] = None  # epochs without val improvement; null = off
+    scheduler: dict[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_SCHEDULER))
+    early_stopping_patience: int | None = None  # epochs without val improvement; null = off
 
 
 @dataclass

@@ -95,7 +95,7 @@ def _replace_head(model: Any, num_classes: int) -> None:
 
 
 def _replace_module(model: Any, old: Any, new: Any) -> None:
-    for name, m in model.named_modules():
+    for _, m in model.named_modules():
         for child_name, child in m.named_children():
             if child is old:
                 setattr(m, child_name, new)

@@ -96,7 +96,7 @@ def test_ctrl_c_marks_runs_killed_and_finished_stages_resume(tmp_path):
     assert "interrupted" in text and "Traceback" not in text
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/outputs/mlflow.db")
     runs = mlflow.search_runs(search_all_experiments=True)
-    status = dict(zip(runs["tags.mlflow.runName"], runs["status"]))
+    status = dict(zip(runs["tags.mlflow.runName"], runs["status"], strict=True))
     assert status == {"default": "KILLED", "train": "FINISHED", "export": "FINISHED", "long": "KILLED"}
     assert not list(tmp_path.glob("outputs/cache/*/.tmp-*"))
     resumed = run_cli(["eval=fast", *FAST, "+stages.long={kind: train, epochs: 1, input: train}"], tmp_path)

@@ -90,7 +90,7 @@ def test_corrupt_image_is_named(tmp_path):
     (root / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
     dm = DataModule(data_cfg(tmp_path, "data=imagefolder", f"data.root={root}"), tmp_path)
     with pytest.raises(EdgebuildError, match="cannot read image .*broken.jpg"):
-        dm.splits
+        _ = dm.splits
 
 
 def test_calibration_subset_is_seeded_and_clamped(tmp_path, caplog):

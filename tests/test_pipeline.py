@@ -125,7 +125,7 @@ def test_rebuild_is_all_cache_hits_and_runs_no_stage(built, monkeypatch):
 
     second = testing.build(testing.shrink(tmp, tracking=True) + FAST, tmp, run_name="again")
     assert [st["cache_hit"] for st in second["stages"]] == [True, True]
-    for a, b in zip(first["stages"], second["stages"]):
+    for a, b in zip(first["stages"], second["stages"], strict=True):
         assert a["metrics"]["acc/top1"] == b["metrics"]["acc/top1"] and a["metrics"]["macs"] == b["metrics"]["macs"]
     runs = mlflow.search_runs(search_all_experiments=True)
     nested = runs[runs["tags.mlflow.parentRunId"] == second["mlflow_run_id"]]
@@ -164,6 +164,6 @@ def test_builds_are_deterministic_without_cache(fast, tmp_path):
     a = testing.build(fast + ["cache.enabled=false"], tmp_path, run_name="a")
     b = testing.build(fast + ["cache.enabled=false"], tmp_path, run_name="b")
     assert not any(st["cache_hit"] for st in a["stages"] + b["stages"])
-    for x, y in zip(a["stages"], b["stages"]):
+    for x, y in zip(a["stages"], b["stages"], strict=True):
         assert x["metrics"]["acc/top1"] == y["metrics"]["acc/top1"]
         assert x["metrics"]["macs"] == y["metrics"]["macs"]
