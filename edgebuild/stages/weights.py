@@ -68,6 +68,17 @@ def _layer_type(name: str) -> type:
     return cls
 
 
+def is_depthwise(module: Any) -> bool:
+    from torch import nn
+
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.in_channels
+
+
+def collapsed_layers(table: dict[str, dict[str, float]], layers: list[str]) -> list[str]:
+    """Selected layers whose every weight is zero: they pass nothing on (a dead path)."""
+    return [n for n in layers if table[n]["zeros"] == table[n]["weights"]]
+
+
 def sparsity_table(model: Any) -> dict[str, dict[str, float]]:
     """Per conv/linear layer: weights, zeros, sparsity and distinct values."""
     import torch

@@ -236,3 +236,29 @@ def test_floor_limit_is_in_points_of_the_primary_metric_map_drop_for_detectors(t
     bad = build_stage("floor", {"kind": "prune", "until": {"max_map_drop": -1.0}})
     with pytest.raises(EdgebuildError, match="until"):
         bad.check(cfg)
+
+
+@pytest.mark.parametrize("prune_depthwise", [False, True])
+def test_unstructured_leaves_depthwise_convs_whole_unless_asked(tmp_path, prune_depthwise):
+    mobilenet = ["model=mobilenet_v2", "model.kwargs.width_mult=0.25", "data.channels=3", "data.mean=[0.5,0.5,0.5]",
+                 "data.std=[0.25,0.25,0.25]", "data.num_samples=120",
+                 "stages.train=null", "stages.export=null"]
+    flag = str(prune_depthwise).lower()
+    node = f"{{kind: prune, mode: unstructured, ratio: 0.9, epochs: 0, prune_depthwise: {flag}}}"
+    summary = testing.build(testing.shrink(tmp_path) + DATA + mobilenet + [f"+stages.p={node}"], tmp_path)
+
+    table = json.loads((artifact_dir(summary, "p") / "sparsity.json").read_text())
+    # MobileNetV2's 3x3 depthwise convs (the first block has no expansion conv before its own)
+    depthwise = ["features.1.conv.0.0", *(n for n in table if n.endswith("conv.1.0"))]
+    assert len(depthwise) == 17 and table["features.2.conv.0.0"]["sparsity"] > 0.5
+    if prune_depthwise:
+        assert sum(table[n]["sparsity"] for n in depthwise) > 0
+    else:
+        assert all(table[n]["sparsity"] == 0 for n in depthwise)
+
+
+def test_collapsed_layers_are_named():
+    from edgebuild.stages.weights import collapsed_layers
+
+    table = {"a": {"weights": 9, "zeros": 9}, "b": {"weights": 9, "zeros": 8}, "c": {"weights": 4, "zeros": 4}}
+    assert collapsed_layers(table, ["a", "b"]) == ["a"]
