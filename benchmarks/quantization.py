@@ -1,11 +1,10 @@
 """Quantization on real data: FP32 vs PTQ vs accuracy-controlled PTQ vs QAT vs FP16 vs `nncf.quantize` called
 directly with its defaults (the anchor a user would otherwise reach for), on the OpenVINO CPU runtime.
 
-    nice -n 10 python benchmarks/quantization.py [--limit 20000] [--epochs 6] [--qat-epochs 1] [--rounds 5]
+    python benchmarks/quantization.py [--limit 50000] [--epochs 8] [--qat-epochs 1] [--rounds 5]
 
-Builds with edgebuild itself (`python -m edgebuild`, the default recipe's train stage on CIFAR-10 from
-../shared/data/cifar10-train.tar.gz with the shared baseline's options, so training is a cache hit in
-outputs/bench-cache), adding quantize / quantize(max_drop) / qat / fp16 stages on the trained model.
+Builds with edgebuild itself (`python -m edgebuild`: the shared CIFAR-10 baseline of
+benchmarks/cifar_baseline.py, so training is a cache hit in outputs/bench-cache once built), adding quantize / quantize(max_drop) / qat / fp16 stages on the trained model.
 Top-1 on the held-out test split (20 % of the images) comes from each stage's measured deployable.
 Latency: batch 1, 2 threads, every IR compiled the same way (f32 hint for float layers) and measured in
 interleaved rounds in one process, at the model's own 32x32 and reshaped to 224x224 (latency only);
