@@ -18,6 +18,7 @@ few M MACs is dispatch-bound, where neither fewer MACs nor INT8 can show).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -38,10 +39,10 @@ FINETUNE = "optimizer: {_target_: torch.optim.AdamW, _partial_: true, lr: 0.001,
 VARIANTS = {
     "reference": (f"{{kind: train, input: train, epochs: E, {FINETUNE}}}",
                   "unpruned, fine-tuned like the variants (reference)"),
-    "struct_l1": ("{kind: prune, input: train, macs_target: 0.5, importance: l1, epochs: E}",
-                  "structured, 50 % MACs, L1"),
-    "struct_act": ("{kind: prune, input: train, macs_target: 0.5, importance: activation, epochs: E}",
-                   "structured, 50 % MACs, activation utilization"),
+    "struct_l1": ("{kind: prune, input: train, macs_target: M, importance: l1, epochs: E}",
+                  "structured, MAC target, L1"),
+    "struct_act": ("{kind: prune, input: train, macs_target: M, importance: activation, epochs: E}",
+                   "structured, MAC target, activation utilization"),
     "tp_example": ("{kind: prune, input: train, ratio: 0.5, importance: l2, epochs: E}",
                    "Torch-Pruning example: 50 % channels, group L2"),
     "int8": ("{kind: quantize, input: train}", "INT8 PTQ of the unpruned model"),
@@ -58,7 +59,8 @@ def overrides(args: argparse.Namespace, tmp: Path) -> list[str]:
     base = [*cifar_baseline.MODEL, *data, f"data.limit={args.limit}", "budget.min_acc=null",
             f"stages.train.epochs={args.train_epochs}", f"cache.dir={args.cache_dir}", "tracking=none",
             "stages.export=null", "eval.latency.enabled=false"]
-    return base + [f"+stages.{name}={node.replace('epochs: E', f'epochs: {args.epochs}')}"
+    fill = {"epochs: E": f"epochs: {args.epochs}", "macs_target: M": f"macs_target: {args.macs_target}"}
+    return base + [f"+stages.{name}={functools.reduce(lambda n, kv: n.replace(*kv), fill.items(), node)}"
                    for name, (node, _) in VARIANTS.items() if name in args.variants] + args.overrides
 
 
@@ -87,6 +89,7 @@ def interleaved_latency(summary: dict, cfg, rounds: int) -> dict[str, list[float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per variant")
+    parser.add_argument("--macs-target", type=float, default=0.5, help="structured variants keep this MAC fraction")
     parser.add_argument("--limit", type=int, default=cifar_baseline.LIMIT, help="CIFAR-10 images used")
     parser.add_argument("--train-epochs", type=int, default=cifar_baseline.EPOCHS, help="baseline training epochs")
     parser.add_argument("--data", default=str(cifar_baseline.DATA))
