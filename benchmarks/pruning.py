@@ -39,7 +39,7 @@ FINETUNE = "optimizer: {_target_: torch.optim.AdamW, _partial_: true, lr: 0.001,
 VARIANTS = {
     "reference": (f"{{kind: train, input: train, epochs: E, {FINETUNE}}}",
                   "unpruned, fine-tuned like the variants (reference)"),
-    "struct_l1": ("{kind: prune, input: train, macs_target: M, importance: l1, epochs: E}",
+    "struct_l1": ("{kind: prune, input: train, macs_target: M, importance: l1, global_pruning: G, epochs: E}",
                   "structured, MAC target, L1"),
     "struct_act": ("{kind: prune, input: train, macs_target: M, importance: activation, epochs: E}",
                    "structured, MAC target, activation utilization"),
@@ -59,7 +59,8 @@ def overrides(args: argparse.Namespace, tmp: Path) -> list[str]:
     base = [*cifar_baseline.MODEL, *data, f"data.limit={args.limit}", "budget.min_acc=null",
             f"stages.train.epochs={args.train_epochs}", f"cache.dir={args.cache_dir}", "tracking=none",
             "stages.export=null", "eval.latency.enabled=false"]
-    fill = {"epochs: E": f"epochs: {args.epochs}", "macs_target: M": f"macs_target: {args.macs_target}"}
+    fill = {"epochs: E": f"epochs: {args.epochs}", "macs_target: M": f"macs_target: {args.macs_target}",
+            "global_pruning: G": f"global_pruning: {str(args.global_pruning).lower()}"}
     return base + [f"+stages.{name}={functools.reduce(lambda n, kv: n.replace(*kv), fill.items(), node)}"
                    for name, (node, _) in VARIANTS.items() if name in args.variants] + args.overrides
 
@@ -90,6 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per variant")
     parser.add_argument("--macs-target", type=float, default=0.5, help="structured variants keep this MAC fraction")
+    parser.add_argument("--global-pruning", action="store_true", help="struct_l1 ranks channels across layers")
     parser.add_argument("--limit", type=int, default=cifar_baseline.LIMIT, help="CIFAR-10 images used")
     parser.add_argument("--train-epochs", type=int, default=cifar_baseline.EPOCHS, help="baseline training epochs")
     parser.add_argument("--data", default=str(cifar_baseline.DATA))
