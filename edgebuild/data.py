@@ -9,16 +9,17 @@ own sources and DataModule subclass through `SOURCES` and `Task.datamodule`.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import io
 import json
 import logging
 import tarfile
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -319,9 +320,15 @@ class DataModule:
                 "image_size": self.cfg.image_size, "channels": self.cfg.channels}
 
     def normalize(self, images: np.ndarray) -> np.ndarray:
-        mean = np.asarray(self.cfg.mean, dtype=np.float32).reshape(1, -1, 1, 1)
-        std = np.asarray(self.cfg.std, dtype=np.float32).reshape(1, -1, 1, 1)
+        mean, std = self._mean_std
         return ((images.astype(np.float32) / 255.0) - mean) / std
+
+    @functools.cached_property
+    def _mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        # once, as plain lists: np.asarray on an OmegaConf ListConfig probes attributes through OmegaConf's
+        # exception machinery on every sample, and numpy clears what that raises — a Ctrl-C landing there
+        # was swallowed and training went on
+        return tuple(np.asarray(list(v), dtype=np.float32).reshape(1, -1, 1, 1) for v in (self.cfg.mean, self.cfg.std))
 
     def dataset(self, split: str, train: bool = False) -> Any:
         return _TensorImages(self, self.splits[split], augment=train and self.cfg.augment)
