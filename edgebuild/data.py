@@ -325,9 +325,8 @@ class DataModule:
 
     @functools.cached_property
     def _mean_std(self) -> tuple[np.ndarray, np.ndarray]:
-        # once, as plain lists: np.asarray on an OmegaConf ListConfig probes attributes through OmegaConf's
-        # exception machinery on every sample, and numpy clears what that raises — a Ctrl-C landing there
-        # was swallowed and training went on
+        # once, from plain lists: np.asarray on an OmegaConf ListConfig probes attributes through OmegaConf's
+        # exception machinery, 200 us per sample instead of 4
         return tuple(np.asarray(list(v), dtype=np.float32).reshape(1, -1, 1, 1) for v in (self.cfg.mean, self.cfg.std))
 
     def dataset(self, split: str, train: bool = False) -> Any:

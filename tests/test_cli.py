@@ -83,8 +83,11 @@ def test_multirun_builds_each_job(tmp_path):
 def test_ctrl_c_marks_runs_killed_and_finished_stages_resume(tmp_path):
     args = ["eval=fast", *FAST, "+stages.long={kind: train, epochs: 500, input: train}"]
     log = (tmp_path / "log.txt").open("w")
+    # the default SIGINT action even when the suite itself runs in the background (`cmd &` without job
+    # control ignores SIGINT, children inherit that, and the build would rightly go on)
     proc = subprocess.Popen([sys.executable, "-m", "edgebuild", *args], cwd=tmp_path, stdout=log,
-                            stderr=subprocess.STDOUT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                            stderr=subprocess.STDOUT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while "stage long (train): running" not in (tmp_path / "log.txt").read_text():
         assert proc.poll() is None and time.time() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
