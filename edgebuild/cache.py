@@ -12,10 +12,10 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 RECORD = "result.json"

@@ -99,10 +99,10 @@ def torchvision_ssd(name: str, num_classes: int, in_channels: int, input_shape: 
         raise EdgebuildError(f"{name} takes 3-channel images; the data has {in_channels}", "set data.channels=3")
     model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=num_classes + 1,
                                          **kwargs)
-    return as_raw_detector(model, input_shape)
+    return as_raw_detector(model, input_shape, name)
 
 
-def as_raw_detector(model: nn.Module, input_shape: list[int]) -> nn.Module:
+def as_raw_detector(model: nn.Module, input_shape: list[int], name: str | None = None) -> nn.Module:
     """A torchvision `SSD` (ssd300_vgg16, ssdlite320_mobilenet_v3_large, or one built by hand or by any
     `_target_`) as backbone + head + fixed anchors; any other module is returned as it is (the task then
     checks that it returns raw outputs)."""
@@ -116,7 +116,7 @@ def as_raw_detector(model: nn.Module, input_shape: list[int]) -> nn.Module:
     try:
         return RawSSD(model.backbone, model.head, model.anchor_generator, input_shape)
     except RuntimeError as e:  # e.g. VGG-SSD's extra layers need about 300x300 input
-        raise EdgebuildError(f"{type(model).__name__} cannot run at input {input_shape[2:]}: {str(e).splitlines()[0]}",
+        raise EdgebuildError(f"{name or type(model).__name__} cannot run at input {input_shape[2:]}: {str(e).splitlines()[0]}",
                              "use a larger data.image_size (ssd300_vgg16: 300)") from None
 
 
