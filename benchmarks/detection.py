@@ -122,6 +122,7 @@ def main() -> None:
                    help="structured prune: fraction of channels removed per layer; a comma list adds one pruned "
                         "(and pruned + INT8) row per ratio")
     p.add_argument("--importance", default="l1", help="l1 | l2 | bn_scale | activation")
+    p.add_argument("--round-to", type=int, default=None, help="pruned layers keep channels in blocks of N")
     p.add_argument("--tv-epochs", type=int, default=0, help="training epochs for SSDLite / VGG-SSD")
     p.add_argument("--tv-models", default="ssdlite,ssd300_vgg16", help="torchvision SSDs to add ('' for none)")
     p.add_argument("--tv-eval", type=int, default=32, help="held-out / calibration images for their rows")
@@ -149,10 +150,12 @@ def main() -> None:
     more = []
     for (prune, int8), r in zip(pruned[1:], ratios[1:], strict=True):
         more += [f"+stages.{prune}={{kind: prune, input: train, ratio: {r}, importance: {args.importance}, "
+                 f"round_to: {args.round_to or 'null'}, "
                  + SAME_AS_PRUNE + "}", f"+stages.{int8}={{kind: quantize, input: {prune}}}"]
     small = build("ssd_prune_int8", common + [
         f"stages.train.epochs={args.epochs}", f"stages.prune.epochs={args.prune_epochs}",
         f"stages.prune.ratio={ratios[0]}", f"stages.prune.importance={args.importance}",
+        f"+stages.prune.round_to={args.round_to or 'null'}",
         "+stages.int8={kind: quantize, input: train}", EQUAL, "+stages.equal_int8={kind: quantize, input: equal}",
         *more, *(["model.kwargs.width=8"] if args.quick else [])], out / "ssd_small")
     equal = f"FP32 +{args.prune_epochs} ep"

@@ -39,9 +39,10 @@ FINETUNE = "optimizer: {_target_: torch.optim.AdamW, _partial_: true, lr: 0.001,
 VARIANTS = {
     "reference": (f"{{kind: train, input: train, epochs: E, {FINETUNE}}}",
                   "unpruned, fine-tuned like the variants (reference)"),
-    "struct_l1": ("{kind: prune, input: train, macs_target: M, importance: l1, global_pruning: G, epochs: E}",
+    "struct_l1": ("{kind: prune, input: train, macs_target: M, importance: l1, global_pruning: G, round_to: R, "
+                  "epochs: E}",
                   "structured, MAC target, L1"),
-    "struct_act": ("{kind: prune, input: train, macs_target: M, importance: activation, epochs: E}",
+    "struct_act": ("{kind: prune, input: train, macs_target: M, importance: activation, round_to: R, epochs: E}",
                    "structured, MAC target, activation utilization"),
     "tp_example": ("{kind: prune, input: train, ratio: 0.5, importance: l2, epochs: E}",
                    "Torch-Pruning example: 50 % channels, group L2"),
@@ -60,7 +61,8 @@ def overrides(args: argparse.Namespace, tmp: Path) -> list[str]:
             f"stages.train.epochs={args.train_epochs}", f"cache.dir={args.cache_dir}", "tracking=none",
             "stages.export=null", "eval.latency.enabled=false"]
     fill = {"epochs: E": f"epochs: {args.epochs}", "macs_target: M": f"macs_target: {args.macs_target}",
-            "global_pruning: G": f"global_pruning: {str(args.global_pruning).lower()}"}
+            "global_pruning: G": f"global_pruning: {str(args.global_pruning).lower()}",
+            "round_to: R": f"round_to: {args.round_to or 'null'}"}
     return base + [f"+stages.{name}={functools.reduce(lambda n, kv: n.replace(*kv), fill.items(), node)}"
                    for name, (node, _) in VARIANTS.items() if name in args.variants] + args.overrides
 
@@ -91,6 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per variant")
     parser.add_argument("--macs-target", type=float, default=0.5, help="structured variants keep this MAC fraction")
+    parser.add_argument("--round-to", type=int, default=None, help="struct variants keep channels in blocks of N")
     parser.add_argument("--global-pruning", action="store_true", help="struct_l1 ranks channels across layers")
     parser.add_argument("--limit", type=int, default=cifar_baseline.LIMIT, help="CIFAR-10 images used")
     parser.add_argument("--train-epochs", type=int, default=cifar_baseline.EPOCHS, help="baseline training epochs")
@@ -121,7 +124,8 @@ def main() -> None:
     ref = stages.get("reference", stages["train"])["metrics"]
     int8_p50 = statistics.median(p50["int8"]) if "int8" in p50 else None
     int8_224 = statistics.median(p50_224["int8"]) if "int8" in p50_224 else None
-    print(f"variants: {', '.join(args.variants)}; data limit {args.limit}; baseline {args.train_epochs} epochs")
+    print(f"variants: {', '.join(args.variants)}; macs_target {args.macs_target}, round_to {args.round_to}, "
+          f"global {args.global_pruning}; data limit {args.limit}; baseline {args.train_epochs} epochs")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; load avg {load0:.1f} at "
           f"start, {load1:.1f} at end; build {seconds:.0f} s; fine-tuning {args.epochs} epoch(s) per variant; "
           f"latency: OpenVINO CPU, batch 1, {cfg.target.threads} threads, median of {args.rounds} interleaved rounds")

@@ -58,6 +58,10 @@ class Prune(FitConfig, Stage):
     importance: str = "l1"  # structured: l1 | l2 | bn_scale | activation
     activation_threshold: float = 0.05  # activation: channels non-zero for fewer inputs than this go first
     global_pruning: bool = False  # structured: rank channels across layers instead of the same ratio per layer
+    # structured: keep channel counts multiples of this. CPU kernels work in SIMD blocks (8 floats on AVX2,
+    # 16 on AVX-512), so 33 channels cost as much as 48; rounding made a 50 %-MACs MobileNetV2 1.54x -> 1.81x
+    # faster on OpenVINO CPU (docs/benchmarks.md). Layers with no more channels than this are left whole.
+    round_to: int | None = None
     iterative_steps: int = 1  # structured: prune in N steps with fine-tuning after each
     scope: str = "global"  # unstructured: global | layer (one threshold per layer)
     # unstructured: depthwise convs hold 9 weights per channel, a tiny share of the model; under a global
@@ -87,10 +91,13 @@ class Prune(FitConfig, Stage):
             bad(f"unknown importance {self.importance!r}", f"use one of {list(IMPORTANCES)}")
         if self.scope not in ("global", "layer") or self.schedule not in ("oneshot", "agp"):
             bad(f"scope {self.scope!r} / schedule {self.schedule!r}", "scope: global|layer, schedule: oneshot|agp")
+        if self.round_to is not None and self.round_to < 1:
+            bad(f"round_to {self.round_to} is below 1", "use a SIMD width such as 8 or 16, or null for no rounding")
         if self.iterative_steps < 1:
             bad("iterative_steps must be >= 1", "use 1 for one-shot pruning")
-        if self.mode == "unstructured" and (self.macs_target is not None or self.until is not None):
-            bad("macs_target and until apply to structured pruning only",
+        if self.mode == "unstructured" and (self.macs_target is not None or self.until is not None
+                                            or self.round_to is not None):
+            bad("macs_target, round_to and until apply to structured pruning only",
                 "use mode: structured, or give unstructured sparsity as `ratio`")
         if self.until is not None:
             u = self.until
@@ -237,7 +244,7 @@ class ChannelPruner:
         prunable = weights.select_layers(model, ctx, stage.layer_types, stage.layers, stage.ignore)
         # by name, so the same choice applies to every copy of the model
         self.ignored = {n for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
-                        and (n not in prunable or not isinstance(m, types))}
+                        and (n not in prunable or not isinstance(m, types) or too_few(m, stage.round_to))}
         self.dead_channels = 0
 
     def importance(self, model: Any) -> Any:
@@ -255,17 +262,16 @@ class ChannelPruner:
 
     def by_ratio(self, model: Any, ratio: float, importance: Any = None) -> Any:
         """A copy of `model` with `ratio` of the channels removed (per layer, or globally ranked)."""
-        import torch_pruning as tp
-
         model = copy.deepcopy(model).eval()
         imp = importance or self.importance(model)
         if isinstance(imp, ActivationUtilization):
             imp.bind(model)
         ignored = [m for n, m in model.named_modules() if n in self.ignored]
         try:
-            pruner = tp.pruner.MetaPruner(model, self.example, importance=imp, pruning_ratio=ratio,
-                                          global_pruning=self.stage.global_pruning, ignored_layers=ignored,
-                                          max_pruning_ratio=MAX_CHANNEL_RATIO)
+            pruner = _rounding_pruner()(model, self.example, importance=imp, pruning_ratio=ratio,
+                                              global_pruning=self.stage.global_pruning, ignored_layers=ignored,
+                                              round_to=self.stage.round_to,
+                                              max_pruning_ratio=MAX_CHANNEL_RATIO)
             pruner.step()
         except EdgebuildError:
             raise
@@ -312,6 +318,27 @@ class ChannelPruner:
         from torch import nn
 
         return sum(m.out_channels for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd))
+
+
+def _rounding_pruner() -> type:
+    import torch_pruning as tp
+
+    class RoundingPruner(tp.pruner.MetaPruner):
+        """Torch-Pruning rounds the kept channels down, and a layer left with none is not pruned at all
+        (24 channels, ratio 0.9, round_to 8: all 24 stay). Keep one block instead, so heavier pruning
+        never leaves more channels than lighter pruning."""
+
+        def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
+            keep = max(round_to, (current_channels - n_pruned) // round_to * round_to)
+            return max(current_channels - keep, 0)
+
+    return RoundingPruner
+
+
+def too_few(layer: Any, round_to: int | None) -> bool:
+    """Rounding a layer of at most `round_to` channels down to a multiple of it would remove the layer."""
+    channels = getattr(layer, "out_channels", None) or getattr(layer, "out_features", 0)
+    return round_to is not None and channels <= round_to
 
 
 class ActivationUtilization:

@@ -140,6 +140,23 @@ def test_activation_utilization_removes_dead_channels_first_where_l1_keeps_them(
     assert pruner.dead_channels >= 1
 
 
+@pytest.mark.parametrize("global_pruning", [False, True])
+def test_round_to_keeps_channel_counts_in_simd_blocks_and_never_empties_a_layer(tmp_path, global_pruning):
+    model = small_cnn(4, 1, 12).eval()  # convs of 12, 24, 48 channels
+    _, ctx = _ctx(tmp_path, "l1")
+
+    def pruned(round_to, ratio):
+        pruner = ChannelPruner(Prune(round_to=round_to, global_pruning=global_pruning), model, ctx)
+        return [m.out_channels for m in pruner.by_ratio(model, ratio).modules() if isinstance(m, nn.Conv2d)]
+
+    # 90 % of 24 leaves 2 channels, rounded down to 0: Torch-Pruning alone then keeps all 24; one block stays
+    assert pruned(8, 0.9) == [8, 8, 8]
+    moderate = pruned(8, 0.3)
+    assert all(c % 8 == 0 for c in moderate) and sum(moderate) < 12 + 24 + 48
+    first, *rest = pruned(16, 0.5)
+    assert first == 12 and all(c % 16 == 0 and c >= 16 for c in rest)  # 12 <= 16: left whole
+
+
 def test_gain_check_fails_when_channels_are_only_masked(tmp_path):
     model = small_cnn(4, 1, 8).eval()
     masked = copy.deepcopy(model)
@@ -188,6 +205,9 @@ ALONE = ["stages.train=null", "stages.export=null"]
     pytest.param("{kind: prune, macs_target: 0.0}", [], "outside (0, 1)", id="macs-target-range"),
     pytest.param("{kind: prune, epochs: 0, macs_target: 0.001}", [], "cannot be reached without removing whole layers",
                  id="unreachable"),
+    pytest.param("{kind: prune, round_to: 0}", [], "round_to 0 is below 1", id="round-to"),
+    pytest.param("{kind: prune, mode: unstructured, round_to: 8}", [], "apply to structured pruning only",
+                 id="round-to-unstructured"),
     pytest.param("{kind: prune, epochs: 0, layers: ['^no_such_layer']}", [], "matches no layer", id="regex"),
     pytest.param("{kind: prune, epochs: 0, ignore: ['(']}", [], "ignore entry '(' is not a regex", id="bad-regex"),
     pytest.param("{kind: prune, epochs: 0}", ["model._target_=tests.stages.test_prune.quantized_cnn"],
