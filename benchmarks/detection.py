@@ -1,8 +1,8 @@
 """Detection, the study's table: network x (FP32, pruned, INT8, pruned + INT8) -> mAP@0.5, mAP@[.5:.95],
 FPS on the OpenVINO CPU runtime, weights MB, plus the decode + NMS time outside the network.
 
-    nice -n 10 python benchmarks/detection.py [--epochs 8] [--prune-epochs 4] [--ratio 0.4,0.25] [--importance l1]
-        [--rounds 5] [--tv-epochs 0] [--tv-models ssdlite,ssd300_vgg16] [--tv-eval 32] [--quick]
+    nice -n 10 python benchmarks/detection.py [--epochs 8] [--prune-epochs 4] [--ratio 0.25,0.4] [--round-to 8]
+        [--importance l1] [--rounds 5] [--tv-epochs 0] [--tv-models ssdlite,ssd300_vgg16] [--tv-eval 32] [--quick]
         [--yolo-from-shapes DIR] [-- extra edgebuild overrides, e.g. data=yolo data.root=DIR]
 
 Builds with edgebuild itself (edgebuild.pipeline.build): the small SSD on generated shapes at 160x160
@@ -118,11 +118,11 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=8, help="training epochs of the small SSD (the recipe's)")
     p.add_argument("--prune-epochs", type=int, default=4,
                    help="fine-tuning after pruning = the reference's extra epochs")
-    p.add_argument("--ratio", default="0.4,0.25",
+    p.add_argument("--ratio", default="0.25,0.4",
                    help="structured prune: fraction of channels removed per layer; a comma list adds one pruned "
                         "(and pruned + INT8) row per ratio")
     p.add_argument("--importance", default="l1", help="l1 | l2 | bn_scale | activation")
-    p.add_argument("--round-to", type=int, default=None, help="pruned layers keep channels in blocks of N")
+    p.add_argument("--round-to", type=int, default=8, help="pruned layers keep channels in blocks of N (0: off)")
     p.add_argument("--tv-epochs", type=int, default=0, help="training epochs for SSDLite / VGG-SSD")
     p.add_argument("--tv-models", default="ssdlite,ssd300_vgg16", help="torchvision SSDs to add ('' for none)")
     p.add_argument("--tv-eval", type=int, default=32, help="held-out / calibration images for their rows")
