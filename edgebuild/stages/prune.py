@@ -324,13 +324,14 @@ def _rounding_pruner() -> type:
     import torch_pruning as tp
 
     class RoundingPruner(tp.pruner.MetaPruner):
-        """Torch-Pruning rounds the kept channels down, and a layer left with none is not pruned at all
-        (24 channels, ratio 0.9, round_to 8: all 24 stay). Keep one block instead, so heavier pruning
-        never leaves more channels than lighter pruning."""
+        """Kept channels rounded to the nearest multiple of round_to, as Torch-Pruning documents it;
+        its code rounds down, so ratio 0.01 took 64 channels to 48 (and the MAC search overshot a 50 %
+        target to 40 %), and a layer rounded to none was not pruned at all. At least one block stays."""
 
         def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
-            keep = max(round_to, (current_channels - n_pruned) // round_to * round_to)
-            return max(current_channels - keep, 0)
+            blocks = (current_channels - n_pruned + round_to / 2) // round_to
+            keep = min(current_channels, max(round_to, int(blocks) * round_to))
+            return current_channels - keep
 
     return RoundingPruner
 

@@ -155,6 +155,8 @@ def test_round_to_keeps_channel_counts_in_simd_blocks_and_never_empties_a_layer(
     assert all(c % 8 == 0 for c in moderate) and sum(moderate) < 12 + 24 + 48
     first, *rest = pruned(16, 0.5)
     assert first == 12 and all(c % 16 == 0 and c >= 16 for c in rest)  # 12 <= 16: left whole
+    # to the nearest block, not down: 5 % of 24 and 48 leaves 22.8 and 45.6 -> 24 and 48, not 16 and 40
+    assert pruned(8, 0.05)[1:] == [24, 48]
 
 
 def test_gain_check_fails_when_channels_are_only_masked(tmp_path):
