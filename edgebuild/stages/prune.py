@@ -49,7 +49,7 @@ class Until:
 class Prune(FitConfig, Stage):
     kind: ClassVar[str] = "prune"
     needs_float_input: ClassVar[bool] = True
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # 2: round_to rounds to the nearest block (cached round-down results are stale)
     uses: ClassVar[tuple[str, ...]] = ("data", "task", "trainer", "calibration")
 
     mode: str = "structured"
