@@ -155,7 +155,7 @@ def main() -> None:
     small = build("ssd_prune_int8", common + [
         f"stages.train.epochs={args.epochs}", f"stages.prune.epochs={args.prune_epochs}",
         f"stages.prune.ratio={ratios[0]}", f"stages.prune.importance={args.importance}",
-        f"+stages.prune.round_to={args.round_to or 'null'}",
+        f"++stages.prune.round_to={args.round_to or 'null'}",
         "+stages.int8={kind: quantize, input: train}", EQUAL, "+stages.equal_int8={kind: quantize, input: equal}",
         *more, *(["model.kwargs.width=8"] if args.quick else [])], out / "ssd_small")
     equal = f"FP32 +{args.prune_epochs} ep"
