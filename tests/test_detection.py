@@ -67,7 +67,8 @@ def test_int8_stage_runs_int8_kernels_and_keeps_map(built):
 def test_prune_int8_chain_removes_channels_but_not_the_head_outputs(built, pruned):
     _, _, s = built
     train, prune = stage(pruned, "train"), stage(pruned, "prune")
-    assert train["cache_hit"] and prune["metrics"]["macs"] < 0.6 * train["metrics"]["macs"]
+    # the recipe: 25 % of the channels in blocks of 8; at width 8 the 8- and 16-channel layers stay whole
+    assert train["cache_hit"] and prune["metrics"]["macs"] < 0.8 * train["metrics"]["macs"]
     assert stage(pruned, "quantize")["metrics"]["int8/ops_fraction"] > 0.9
     model = torch.load(Path(prune["artifact"]) / "model.pt", weights_only=False)
     head = model.head
