@@ -146,11 +146,13 @@ def imagefolder_source(cfg: Any, cache_dir: Path) -> Source:
         raise EdgebuildError("data=imagefolder needs a folder", "set data.root=/path/to/folder (or a .tar.gz of one)")
     root = Path(cfg.root).expanduser()
     if not root.exists():
-        raise EdgebuildError(f"data folder {root} does not exist", "point data.root to an existing ImageFolder or .tar.gz")
+        raise EdgebuildError(f"data folder {root} does not exist",
+                             "point data.root to an existing ImageFolder or .tar.gz")
     entries, signature = _folder_entries(root)
     images_ = [e for e in entries if Path(e[0]).suffix.lower() in IMAGE_SUFFIXES]
     if not images_:
-        raise EdgebuildError(f"no images found under {root}", "use the layout ROOT/CLASS/IMAGE.jpg (or ROOT/train/CLASS/...)")
+        raise EdgebuildError(f"no images found under {root}",
+                             "use the layout ROOT/CLASS/IMAGE.jpg (or ROOT/train/CLASS/...)")
     prefix, has_splits = _class_layout([e[0] for e in images_])
     depth = len(prefix.split("/")) if prefix else 0
 
@@ -172,7 +174,8 @@ def imagefolder_source(cfg: Any, cache_dir: Path) -> Source:
     class_names.discard("")
     names = sorted(class_names)
     if not names:
-        raise EdgebuildError(f"no class folders under {root}", "put images in one folder per class: ROOT/CLASS/IMAGE.jpg")
+        raise EdgebuildError(f"no class folders under {root}",
+                             "put images in one folder per class: ROOT/CLASS/IMAGE.jpg")
     counts = {n: 0 for n in names}
     for e in images_:
         if cls := parse(e[0])[1]:
@@ -185,8 +188,10 @@ def imagefolder_source(cfg: Any, cache_dir: Path) -> Source:
     return Source(names, signature, load=lambda: _decode_folder(cfg, cache_dir, names, signature, images_, parse))
 
 
-def _decode_folder(cfg: Any, cache_dir: Path, names: list[str], signature: str, images_: list, parse: Callable) -> Source:
-    decoded = cache_dir / "decoded" / hashlib.sha256(f"{signature}|{cfg.image_size}|{cfg.channels}".encode()).hexdigest()
+def _decode_folder(cfg: Any, cache_dir: Path, names: list[str], signature: str, images_: list,
+                   parse: Callable) -> Source:
+    key = f"{signature}|{cfg.image_size}|{cfg.channels}"
+    decoded = cache_dir / "decoded" / hashlib.sha256(key.encode()).hexdigest()
     npz = decoded.with_suffix(".npz")
     if npz.exists():
         z = np.load(npz, allow_pickle=False)
@@ -253,10 +258,12 @@ def _split_pool(pool: Labelled, val: float, test: float, seed: int, stratify: bo
 
     idx = np.arange(len(pool.labels))
     strat = pool.labels if stratify else None
-    rest, test_idx = train_test_split(idx, test_size=test, random_state=seed, stratify=strat) if test > 0 else (idx, idx[:0])
+    rest, test_idx = (train_test_split(idx, test_size=test, random_state=seed, stratify=strat) if test > 0
+                      else (idx, idx[:0]))
     val_rel = val / (1 - test) if test < 1 else 0
     strat_rest = pool.labels[rest] if stratify else None
-    train_idx, val_idx = train_test_split(rest, test_size=val_rel, random_state=seed, stratify=strat_rest) if val > 0 else (rest, rest[:0])
+    train_idx, val_idx = (train_test_split(rest, test_size=val_rel, random_state=seed, stratify=strat_rest) if val > 0
+                          else (rest, rest[:0]))
     return {s: Labelled(pool.images[np.sort(i)], pool.labels[np.sort(i)])
             for s, i in (("train", train_idx), ("val", val_idx), ("test", test_idx))}
 
@@ -270,14 +277,17 @@ class DataModule:
     def __init__(self, cfg: Any, cache_dir: Path):
         self.cfg = cfg
         if cfg.name not in self.sources:
-            raise EdgebuildError(f"unknown data source {cfg.name!r}", f"use data= one of: {', '.join(sorted(self.sources))}")
+            raise EdgebuildError(f"unknown data source {cfg.name!r}",
+                                 f"use data= one of: {', '.join(sorted(self.sources))}")
         if len(cfg.mean) != cfg.channels or len(cfg.std) != cfg.channels:
-            raise EdgebuildError(f"data.mean/std need {cfg.channels} values (data.channels), got {list(cfg.mean)} / {list(cfg.std)}")
+            raise EdgebuildError(f"data.mean/std need {cfg.channels} values (data.channels), "
+                                 f"got {list(cfg.mean)} / {list(cfg.std)}")
         self._source = self.sources[cfg.name](cfg, Path(cache_dir) / "data")
         self.class_names = self._source.class_names
         self._splits: dict[str, Labelled] | None = None
         key = {k: v for k, v in _plain(cfg).items() if k not in ("batch_size", "num_workers", "calibration")}
-        self.fingerprint = hashlib.sha256(json.dumps([self._source.signature, key], sort_keys=True).encode()).hexdigest()
+        identity = json.dumps([self._source.signature, key], sort_keys=True)
+        self.fingerprint = hashlib.sha256(identity.encode()).hexdigest()
         self.input_shape = [1, cfg.channels, cfg.image_size, cfg.image_size]
 
     @property

@@ -25,7 +25,8 @@ def small_cnn(num_classes: int = 10, in_channels: int = 1, width: int = 16) -> A
 
 
 BUILTIN = {"cnn": small_cnn}
-# task-specific model names -> "module.function" (imported when used) or a callable(cfg, dm, num_classes, in_channels, **kw)
+# task-specific model names -> "module.function" (imported when used)
+# or a callable(cfg, dm, num_classes, in_channels, **kw)
 EXTRA_BUILDERS: dict[str, Any] = {name: "edgebuild.detection.models.build" for name in
                                   ("ssd_small", "ssdlite320_mobilenet_v3_large", "ssd300_vgg16")}
 
@@ -53,7 +54,8 @@ def build_model(cfg: Any, dm: Any) -> Any:
     if cfg.weights and Path(cfg.weights).expanduser().exists():
         load_weights(model, Path(cfg.weights).expanduser(), strict=cfg.strict_weights)
     elif cfg.weights and ("/" in cfg.weights or cfg.weights.endswith((".pt", ".pth", ".ckpt", ".safetensors"))):
-        raise EdgebuildError(f"weights file {cfg.weights} does not exist", "point model.weights to a local state_dict file")
+        raise EdgebuildError(f"weights file {cfg.weights} does not exist",
+                             "point model.weights to a local state_dict file")
     return model
 
 
@@ -138,7 +140,8 @@ def _resolve(path: str) -> Any:
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
-        raise EdgebuildError(f"model._target_ {path!r} cannot be imported", "give a dotted path to a class or function") from None
+        raise EdgebuildError(f"model._target_ {path!r} cannot be imported",
+                             "give a dotted path to a class or function") from None
 
 
 def _accepted(fn: Any) -> set[str]:

@@ -150,7 +150,8 @@ class Builder:
 
         model_cfg = _plain(self.cfg.model)
         weights = self.cfg.model.weights
-        wdigest = file_digest(Path(weights).expanduser()) if weights and Path(weights).expanduser().exists() else weights
+        local = Path(weights).expanduser() if weights else None
+        wdigest = file_digest(local) if local and local.exists() else weights
         key = cache_key({"source": model_cfg, "weights": wdigest, "seed": self.cfg.seed, "task": _plain(self.cfg.task),
                          "classes": self.data.num_classes, "input_shape": self.data.input_shape})
 
@@ -279,7 +280,8 @@ class Builder:
                         seconds = time.perf_counter() - t0
                         metrics["stage/seconds"] = seconds
                         metrics["stage/build_seconds"] = entry.record.get("seconds", 0.0)
-                        srun.record(metrics, params=flatten({"stage": {"name": name, "input": source, **stage.params()}}),
+                        params = flatten({"stage": {"name": name, "input": source, **stage.params()}})
+                        srun.record(metrics, params=params,
                                     tags={"cache_hit": str(entry.hit).lower(), "cache_key": entry.key},
                                     files={"tables": measured.path / "tables.json",  # + the stage's report files
                                            **{k: entry.path / "artifact" / v

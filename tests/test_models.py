@@ -38,7 +38,8 @@ def test_lightning_checkpoint_weights_load(tmp_path):
     source = build(tmp_path)
     torch.save({"state_dict": {f"model.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "last.ckpt")
     loaded = build(tmp_path, f"model.weights={tmp_path}/last.ckpt")
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), source.state_dict().values(), strict=True))
+    pairs = zip(loaded.state_dict().values(), source.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
 
 
 def test_incompatible_weights_are_named_and_can_be_loaded_partially(tmp_path):

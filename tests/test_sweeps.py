@@ -86,7 +86,8 @@ def test_two_processes_writing_one_cache_key_leave_one_valid_entry(tmp_path):
 
 @pytest.mark.parametrize("bad", ["stages.train.epochz=1,2", "no_such_group=a,b",
                                  # Optuna: the first trial's config fails to compose, so no trial builds
-                                 "stages.train.epochz=choice(1,2) hydra/sweeper=edgebuild_pareto hydra.sweeper.n_trials=2"])
+                                 "stages.train.epochz=choice(1,2) hydra/sweeper=edgebuild_pareto "
+                                 "hydra.sweeper.n_trials=2"])
 def test_a_sweep_over_a_missing_key_fails_before_any_job(tmp_path, bad):
     result = run_cli(["-m", *QUICK, *bad.split(), "hydra/launcher=joblib"], tmp_path)
     assert result.returncode == 2

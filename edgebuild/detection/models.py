@@ -116,7 +116,8 @@ def as_raw_detector(model: nn.Module, input_shape: list[int], name: str | None =
     try:
         return RawSSD(model.backbone, model.head, model.anchor_generator, input_shape)
     except RuntimeError as e:  # e.g. VGG-SSD's extra layers need about 300x300 input
-        raise EdgebuildError(f"{name or type(model).__name__} cannot run at input {input_shape[2:]}: {str(e).splitlines()[0]}",
+        raise EdgebuildError(f"{name or type(model).__name__} cannot run at input {input_shape[2:]}: "
+                             f"{str(e).splitlines()[0]}",
                              "use a larger data.image_size (ssd300_vgg16: 300)") from None
 
 

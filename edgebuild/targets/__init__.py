@@ -44,7 +44,8 @@ class Target:
             elif self.cfg.require_device:
                 raise EdgebuildError(
                     f"target {self.cfg.name!r} requires device {wanted}, but this machine has only {available}",
-                    "run on a machine with that device, or drop target.require_device=true to measure on the CPU as a proxy",
+                    "run on a machine with that device, "
+                    "or drop target.require_device=true to measure on the CPU as a proxy",
                 )
             else:
                 log.warning("target %s: device %s is not present (have %s); latency is measured on the CPU as "

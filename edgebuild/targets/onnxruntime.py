@@ -73,16 +73,19 @@ class ONNXSession:
         import onnx
 
         # QDQ / integer ops in the graph are what ORT's CPU EP fuses into INT8 kernels
-        graph = onnx.load(self.session._model_path, load_external_data=False).graph if hasattr(self.session, "_model_path") else None
+        path = getattr(self.session, "_model_path", None)
+        graph = onnx.load(path, load_external_data=False).graph if path else None
         if graph is None:
             return {"runtime/precision": "f32", "int8/ops_fraction": 0.0}
         ops = [n.op_type for n in graph.node]
-        compute = [o for o in ops if o in ("Conv", "Gemm", "MatMul", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger")]
+        compute = [o for o in ops if o in ("Conv", "Gemm", "MatMul", "QLinearConv", "QLinearMatMul", "ConvInteger",
+                                           "MatMulInteger")]
         int8 = [o for o in compute if o.startswith(("QLinear",)) or o.endswith("Integer")]
         qdq = ops.count("DequantizeLinear")
         frac = len(int8) / len(compute) if compute else 0.0
         if not int8 and qdq and compute:  # QDQ format: each quantized Conv/MatMul is fed by DequantizeLinear
-            frac = min(1.0, sum(1 for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
-                                and any(i.endswith(("_DequantizeLinear_Output", "_dequantized")) for i in n.input)) / len(compute))
+            fed = sum(1 for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
+                      and any(i.endswith(("_DequantizeLinear_Output", "_dequantized")) for i in n.input))
+            frac = min(1.0, fed / len(compute))
         return {"runtime/precision": "int8" if frac > 0 else "f32", "int8/ops_fraction": frac,
                 "runtime/compute_ops": len(compute)}

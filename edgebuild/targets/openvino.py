@@ -82,7 +82,8 @@ class OpenVINORuntime:
             request.infer({0: x})
             for p in request.get_profiling_info():
                 if p.status == p.Status.EXECUTED:
-                    row = layers.setdefault(p.node_name, {"name": p.node_name, "type": p.node_type, "kernel": p.exec_type,
+                    row = layers.setdefault(p.node_name, {"name": p.node_name, "type": p.node_type,
+                                                          "kernel": p.exec_type,
                                                           "precision": precision.get(p.node_name, "?"), "ms": 0.0})
                     row["ms"] += p.real_time.total_seconds() * 1000.0 / iterations
         return sorted(layers.values(), key=lambda r: -r["ms"])

@@ -37,7 +37,8 @@ class Classification:
         with torch.no_grad():
             out = model(torch.zeros(dm.input_shape))
         if not isinstance(out, torch.Tensor) or out.ndim != 2:
-            raise EdgebuildError(f"a classification model must return logits [N, classes]; this one returns {_describe(out)}",
+            raise EdgebuildError("a classification model must return logits [N, classes]; "
+                                 f"this one returns {_describe(out)}",
                                  "pick a classifier, or task=detection for a detector")
         if out.shape[1] != dm.num_classes:
             raise EdgebuildError(f"model outputs {out.shape[1]} classes, the data has {dm.num_classes}",
