@@ -40,7 +40,7 @@ VARIANTS = {
     "reference": (f"{{kind: train, input: train, epochs: E, {FINETUNE}}}",
                   "unpruned, fine-tuned like the variants (reference)"),
     "struct_l1": ("{kind: prune, input: train, macs_target: M, importance: l1, global_pruning: G, round_to: R, "
-                  "epochs: E}",
+                  "iterative_steps: I, epochs: E}",
                   "structured, MAC target, L1"),
     "struct_act": ("{kind: prune, input: train, macs_target: M, importance: activation, round_to: R, epochs: E}",
                    "structured, MAC target, activation utilization"),
@@ -60,7 +60,9 @@ def overrides(args: argparse.Namespace, tmp: Path) -> list[str]:
     base = [*cifar_baseline.MODEL, *data, f"data.limit={args.limit}", "budget.min_acc=null",
             f"stages.train.epochs={args.train_epochs}", f"cache.dir={args.cache_dir}", "tracking=none",
             "stages.export=null", "eval.latency.enabled=false"]
-    fill = {"epochs: E": f"epochs: {args.epochs}", "macs_target: M": f"macs_target: {args.macs_target}",
+    steps = args.iterative_steps  # first: its "epochs: E" is per step
+    fill = {"iterative_steps: I, epochs: E": f"iterative_steps: {steps}, epochs: {args.epochs // steps}",
+            "epochs: E": f"epochs: {args.epochs}", "macs_target: M": f"macs_target: {args.macs_target}",
             "global_pruning: G": f"global_pruning: {str(args.global_pruning).lower()}",
             "round_to: R": f"round_to: {args.round_to or 'null'}"}
     return base + [f"+stages.{name}={functools.reduce(lambda n, kv: n.replace(*kv), fill.items(), node)}"
@@ -94,6 +96,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per variant")
     parser.add_argument("--macs-target", type=float, default=0.5, help="structured variants keep this MAC fraction")
     parser.add_argument("--round-to", type=int, default=None, help="struct variants keep channels in blocks of N")
+    parser.add_argument("--iterative-steps", type=int, default=1,
+                        help="struct_l1 prunes in N steps, --epochs / N fine-tuning epochs after each")
     parser.add_argument("--global-pruning", action="store_true", help="struct_l1 ranks channels across layers")
     parser.add_argument("--limit", type=int, default=cifar_baseline.LIMIT, help="CIFAR-10 images used")
     parser.add_argument("--train-epochs", type=int, default=cifar_baseline.EPOCHS, help="baseline training epochs")
