@@ -1,7 +1,12 @@
 """Pruning and clustering on the shared CIFAR-10 baseline (benchmarks/cifar_baseline.py).
 
-    nice -n 10 python benchmarks/pruning.py [--epochs 2] [--limit 50000] [--train-epochs 8]
-                                            [--cache-dir outputs/bench-cache] [--rounds 5] [overrides...]
+    nice -n 10 python benchmarks/pruning.py [--epochs 2] [--macs-target 0.5] [--round-to N] [--iterative-steps N]
+                                            [--global-pruning] [--variants a,b,...] [--limit 50000]
+                                            [--train-epochs 8] [--cache-dir outputs/bench-cache] [--rounds 5]
+                                            [overrides...]
+    # issue 5's targets (docs/benchmarks.md):
+    python benchmarks/pruning.py --epochs 8 --round-to 16 --iterative-steps 2 \
+        --variants reference,struct_l1,int8,struct_int8
 
 One edgebuild build (edgebuild.pipeline.build): the baseline `train` stage (a stage-cache hit when
 the shared baseline exists with the same options), then from it, each with `--epochs` of fine-tuning:
