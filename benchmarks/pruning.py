@@ -114,6 +114,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     args.variants = args.variants.split(",")
+    if args.iterative_steps < 1 or args.epochs % args.iterative_steps:
+        parser.error(f"--epochs {args.epochs} must split evenly into --iterative-steps {args.iterative_steps}")
 
     from edgebuild import testing
     from edgebuild.pipeline import build
