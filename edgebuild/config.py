@@ -6,6 +6,8 @@ or a wrong type fails at compose time, naming the key, before any work starts.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,14 +19,71 @@ CONF_DIR = ROOT / "conf"
 RECIPES_DIR = ROOT / "recipes"
 
 
+def bounded(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None, factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field whose value (each element, for a list) must lie in a range. OmegaConf types
+    the value; `check_ranges` checks the range at plan time, so a nonsense number (epochs -1, a
+    negative threshold) stops the build before any work instead of being trained, cached and measured."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    return field(default=default, default_factory=factory, metadata={"bounds": bounds})
+
+
+_BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_BOUND_OK = {"ge": float.__ge__, "gt": float.__gt__, "le": float.__le__, "lt": float.__lt__}
+
+
+def describe_bounds(bounds: dict[str, float]) -> str:
+    return " and ".join(f"{_BOUND_TEXT[k]} {v:g}" for k, v in bounds.items())
+
+
+def check_ranges(schema: type, values: Any, prefix: str) -> None:
+    """Every `bounded` field of `schema` (a dataclass), read from `values` (an instance of it or an
+    OmegaConf node), lies in its range; nested schemas are checked too. One clear error otherwise."""
+    for f in dataclasses.fields(schema):
+        value = getattr(values, f.name, None)
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        nested = f.default_factory if dataclasses.is_dataclass(f.default_factory) else None
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            nested = type(value)
+        if nested is not None and value is not None:
+            check_ranges(nested, value, key)
+            continue
+        bounds = f.metadata.get("bounds")
+        if not bounds or value is None:
+            continue
+        for item in (value if isinstance(value, (list, tuple)) or _is_list_node(value) else [value]):
+            ok = isinstance(item, (int, float)) and not isinstance(item, bool) and math.isfinite(item)
+            ok = ok and all(_BOUND_OK[k](float(item), float(v)) for k, v in bounds.items())
+            if not ok:
+                example = f.default if isinstance(f.default, (int, float)) else None
+                raise EdgebuildError(f"{key}={item} is out of range: it must be {describe_bounds(bounds)}",
+                                     f"set {key} to a value {describe_bounds(bounds)}"
+                                     + (f" (default {example})" if example is not None else ""))
+
+
+def check_config(cfg: Any) -> None:
+    """Plan time: every number of the build config (stages aside: `build_stage` checks each) in range."""
+    check_ranges(Config, cfg, "")
+    split = cfg.data.split
+    if split.val + split.test >= 1:
+        raise EdgebuildError(f"data.split.val + data.split.test = {split.val + split.test:g} leaves no training data",
+                             "keep their sum below 1, e.g. data.split.val=0.15 data.split.test=0.2")
+
+
+def _is_list_node(value: Any) -> bool:
+    from omegaconf import ListConfig
+
+    return isinstance(value, ListConfig)
+
+
 @dataclass
 class TaskConf:
     name: str = "classification"
     # detection postprocessing; ignored by classification
-    score_threshold: float = 0.01
-    nms_iou: float = 0.45
-    top_k: int = 200
-    detections_per_image: int = 100
+    score_threshold: float = bounded(0.01, ge=0, le=1)
+    nms_iou: float = bounded(0.45, gt=0, le=1)
+    top_k: int = bounded(200, ge=1)
+    detections_per_image: int = bounded(100, ge=1)
 
 
 @dataclass
@@ -32,8 +91,8 @@ class ModelConf:
     # built-in name ("cnn"), a torchvision model name ("mobilenet_v2"), or "custom" with _target_
     name: str = "cnn"
     _target_: str | None = None
-    num_classes: int | None = None  # default: the data's class count
-    in_channels: int | None = None  # default: the data's channel count
+    num_classes: int | None = bounded(None, ge=1)  # default: the data's class count
+    in_channels: int | None = bounded(None, ge=1)  # default: the data's channel count
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
     small_input: bool = False  # torchvision models: stride-1 stem for 32x32-class inputs
     weights: str | None = None  # local state_dict file, or a torchvision weights name (needs network)
@@ -42,58 +101,58 @@ class ModelConf:
 
 @dataclass
 class SplitConf:
-    val: float = 0.15
-    test: float = 0.2
-    seed: int = 0
+    val: float = bounded(0.15, ge=0, lt=1)
+    test: float = bounded(0.2, ge=0, lt=1)
+    seed: int = bounded(0, ge=0)
 
 
 @dataclass
 class CalibrationConf:
-    size: int = 300
-    seed: int = 0
+    size: int = bounded(300, ge=1)
+    seed: int = bounded(0, ge=0)
 
 
 @dataclass
 class DataConf:
     name: str = "digits"  # digits | synthetic | imagefolder | cifar10 (+ task-specific kinds)
     root: str | None = None
-    image_size: int = 8
-    channels: int = 1
+    image_size: int = bounded(8, ge=1)
+    channels: int = bounded(1, ge=1)
     mean: list[float] = field(default_factory=lambda: [0.5])
-    std: list[float] = field(default_factory=lambda: [0.5])
+    std: list[float] = bounded(factory=lambda: [0.5], gt=0)
     split: SplitConf = field(default_factory=SplitConf)
     calibration: CalibrationConf = field(default_factory=CalibrationConf)
-    batch_size: int = 64
-    num_workers: int = 0
+    batch_size: int = bounded(64, ge=1)
+    num_workers: int = bounded(0, ge=0)
     augment: bool = False
-    limit: int | None = None  # use at most this many images (quick runs)
-    num_samples: int = 600  # generated datasets
-    num_classes: int = 10  # generated datasets
+    limit: int | None = bounded(None, ge=1)  # use at most this many images (quick runs)
+    num_samples: int = bounded(600, ge=1)  # generated datasets
+    num_classes: int = bounded(10, ge=2)  # generated datasets
     options: dict[str, Any] = field(default_factory=dict)  # loader-specific extras
 
 
 @dataclass
 class BudgetConf:
-    min_acc: float | None = None  # acc/top1, fraction 0..1
-    max_acc_drop: float | None = None  # percentage points vs the first measured stage
-    min_map: float | None = None
-    max_map_drop: float | None = None  # points (x100) of map/50_95 vs the first measured stage
-    max_latency_ms: float | None = None  # latency/p50_ms
-    max_size_bytes: int | None = None
-    max_zip_bytes: int | None = None
-    max_macs: int | None = None
-    max_params: int | None = None
-    max_ram_bytes: int | None = None
-    max_flash_bytes: int | None = None
+    min_acc: float | None = bounded(None, ge=0, le=1)  # acc/top1, fraction 0..1
+    max_acc_drop: float | None = bounded(None, ge=-100, le=100)  # percentage points vs the first measured stage
+    min_map: float | None = bounded(None, ge=0, le=1)
+    max_map_drop: float | None = bounded(None, ge=-100, le=100)  # points (x100) of map/50_95 vs the first stage
+    max_latency_ms: float | None = bounded(None, gt=0)  # latency/p50_ms
+    max_size_bytes: int | None = bounded(None, gt=0)
+    max_zip_bytes: int | None = bounded(None, gt=0)
+    max_macs: int | None = bounded(None, gt=0)
+    max_params: int | None = bounded(None, gt=0)
+    max_ram_bytes: int | None = bounded(None, gt=0)
+    max_flash_bytes: int | None = bounded(None, gt=0)
 
 
 @dataclass
 class HardwareSpec:
     name: str = "generic CPU"
     peak_macs_per_s: dict[str, float] = field(default_factory=dict)  # per precision: fp32, int8, ...
-    memory_bandwidth_bytes_per_s: float | None = None
-    ram_bytes: int | None = None
-    flash_bytes: int | None = None
+    memory_bandwidth_bytes_per_s: float | None = bounded(None, gt=0)
+    ram_bytes: int | None = bounded(None, gt=0)
+    flash_bytes: int | None = bounded(None, gt=0)
 
 
 @dataclass
@@ -104,7 +163,7 @@ class TargetConf:
     # inference precision for floating-point models; "f32" states true FP32 (OpenVINO's CPU plugin
     # otherwise runs FP32 IRs in bf16 on AVX-512 BF16 CPUs), "auto" leaves the runtime's default
     precision: str = "f32"
-    threads: int = 2
+    threads: int = bounded(2, ge=0)  # 0: the runtime's default
     require_device: bool = False
     spec: HardwareSpec = field(default_factory=HardwareSpec)
     budget: BudgetConf = field(default_factory=BudgetConf)
@@ -114,9 +173,9 @@ class TargetConf:
 @dataclass
 class LatencyConf:
     enabled: bool = True
-    warmup: int = 20
-    iterations: int = 200
-    min_seconds: float = 0.5  # keep iterating until this much time is spent
+    warmup: int = bounded(20, ge=0)
+    iterations: int = bounded(200, ge=1)
+    min_seconds: float = bounded(0.5, ge=0)  # keep iterating until this much time is spent
 
 
 @dataclass
@@ -124,15 +183,15 @@ class ProfileConf:
     # opt-in (a PERF_COUNT compile + runs per stage): per-layer times on the runtime, and image
     # decode/resize/normalize vs inference for the deployable (edgebuild/profile.py)
     enabled: bool = False
-    top: int = 10  # layers listed, slowest first
-    images: int = 50  # images timed for preprocessing vs inference
+    top: int = bounded(10, ge=1)  # layers listed, slowest first
+    images: int = bounded(50, ge=1)  # images timed for preprocessing vs inference
 
 
 @dataclass
 class EvalConf:
     split: str = "test"
-    batch_size: int = 64
-    limit: int | None = None  # evaluate on at most this many samples
+    batch_size: int = bounded(64, ge=1)
+    limit: int | None = bounded(None, ge=1)  # evaluate on at most this many samples
     latency: LatencyConf = field(default_factory=LatencyConf)
     profile: ProfileConf = field(default_factory=ProfileConf)
 
@@ -146,9 +205,9 @@ class TrainerConf:
     deterministic: bool = True
     enable_progress_bar: bool = False
     enable_model_summary: bool = False
-    log_every_n_steps: int = 10
-    limit_train_batches: Any | None = None
-    limit_val_batches: Any | None = None
+    log_every_n_steps: int = bounded(10, ge=1)
+    limit_train_batches: Any | None = bounded(None, gt=0)  # int: batches, float: fraction
+    limit_val_batches: Any | None = bounded(None, gt=0)
     extra: dict[str, Any] = field(default_factory=dict)  # any other Lightning Trainer argument
 
 
@@ -177,7 +236,7 @@ class SweepConf:
 @dataclass
 class Config:
     description: str = ""
-    seed: int = 0
+    seed: int = bounded(0, ge=0)
     task: TaskConf = field(default_factory=TaskConf)
     model: ModelConf = field(default_factory=ModelConf)
     data: DataConf = field(default_factory=DataConf)

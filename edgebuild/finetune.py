@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgebuild.config import bounded
+
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 3e-3, "weight_decay": 1e-4}
 DEFAULT_SCHEDULER = {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "_partial_": True}
 
@@ -20,10 +22,28 @@ DEFAULT_SCHEDULER = {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "
 class FitConfig:
     """Fields every training stage shares (embedded in their dataclasses)."""
 
-    epochs: int = 5
+    epochs: int = bounded(5, ge=0)
     optimizer: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_OPTIMIZER))
     scheduler: dict[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_SCHEDULER))
-    early_stopping_patience: int | None = None  # epochs without val improvement; null = off
+    early_stopping_patience: int | None = bounded(None, ge=1)  # epochs without val improvement; null = off
+
+    def check_optimizer(self, where: str) -> None:
+        """Plan time: the optimizer is built on a dummy parameter, so torch's own argument checks (negative
+        learning rate or weight decay, betas outside [0, 1), ...) stop the build before any work."""
+        import torch
+
+        from edgebuild.config import instantiate
+        from edgebuild.errors import EdgebuildError
+
+        lr = (self.optimizer or {}).get("lr")
+        if isinstance(lr, (int, float)) and not lr > 0:
+            raise EdgebuildError(f"{where}.optimizer.lr = {lr} is out of range: it must be > 0",
+                                 f"set {where}.optimizer.lr to a positive learning rate (e.g. 1e-3)")
+        try:
+            instantiate(self.optimizer)([torch.nn.Parameter(torch.zeros(1))])
+        except (ValueError, TypeError) as e:
+            raise EdgebuildError(f"{where}.optimizer is invalid: {e}",
+                                 f"fix the value named above under {where}.optimizer") from None
 
 
 @dataclass

@@ -42,6 +42,10 @@ class Context:
 
 def plan(cfg: Any) -> list[tuple[str, Stage, str]]:
     """Validate the stage graph before any work: kinds, options, inputs and references, tasks."""
+    from edgebuild.config import check_config
+    from edgebuild.finetune import FitConfig
+
+    check_config(cfg)
     stages: list[tuple[str, Stage, str]] = []
     names: list[str] = []
     precision = {SOURCE: "fp32"}  # of each stage's output
@@ -65,6 +69,8 @@ def plan(cfg: Any) -> list[tuple[str, Stage, str]]:
                                  f"{stage.kind} needs an fp32 model",
                                  f"point stages.{name}.input to an fp32 stage, and quantize or compress last")
         precision[name] = stage.output_precision or precision[source]
+        if isinstance(stage, FitConfig):
+            stage.check_optimizer(f"stages.{name}")
         stage.check(cfg)
         stages.append((name, stage, source))
         names.append(name)

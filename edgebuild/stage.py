@@ -13,6 +13,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from edgebuild.config import check_ranges
 from edgebuild.errors import EdgebuildError
 
 if TYPE_CHECKING:
@@ -114,4 +115,5 @@ def build_stage(name: str, node: Any) -> Stage:
         raise EdgebuildError(f"stages.{name} (kind {kind}): {problem}", f"valid options: {known}") from None
     stage = OmegaConf.to_object(merged)
     assert isinstance(stage, Stage)
+    check_ranges(cls, stage, f"stages.{name}")
     return stage

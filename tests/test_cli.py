@@ -61,9 +61,9 @@ def test_failure_inside_the_build_marks_runs_failed_and_leaves_no_half_entry(tmp
 
 
 def test_budget_violation_exits_1_with_the_table(tmp_path):
-    result = run_cli([*QUICK, "budget.min_acc=1.01"], tmp_path)
+    result = run_cli([*QUICK, "budget.max_size_bytes=1"], tmp_path)
     assert result.returncode == 1
-    assert "VIOLATED" in result.stdout and "min_acc" in result.stdout
+    assert "VIOLATED" in result.stdout and "max_size_bytes" in result.stdout
     assert "budget violated" in result.stderr
     assert json.loads(summaries(tmp_path)[-1].read_text())["budget"]["ok"] is False
 

@@ -153,9 +153,9 @@ def test_damaged_cache_entry_is_rebuilt_not_used(fast, tmp_path):
 
 def test_budget_violation_raises_with_the_table(fast, tmp_path):
     with pytest.raises(BudgetExceeded) as e:
-        testing.build(fast + ["budget.min_acc=1.01", "budget.max_latency_ms=1000"], tmp_path)
+        testing.build(fast + ["budget.max_size_bytes=1", "budget.max_latency_ms=1000"], tmp_path)
     checks = {c["budget"]: c for c in e.value.args[0]["budget"]["checks"]}
-    assert checks["min_acc"]["ok"] is False and checks["max_latency_ms"]["ok"] is True
+    assert checks["max_size_bytes"]["ok"] is False and checks["max_latency_ms"]["ok"] is True
     summary_md = (Path(e.value.args[0]["run_dir"]) / "summary.md").read_text()
     assert "VIOLATED" in summary_md
 

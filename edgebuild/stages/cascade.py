@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from edgebuild.artifact import Artifact, tree_digest
+from edgebuild.config import bounded
 from edgebuild.errors import EdgebuildError
 from edgebuild.stage import Stage, StageResult
 
@@ -43,9 +44,10 @@ class Cascade(Stage):
 
     small: str | None = None  # stage name or deploy folder (with model.json); default: this stage's input
     big: str | None = None  # stage name or deploy folder (required)
-    thresholds: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.999])
-    max_drop_pp: float = 0.5  # the operating threshold: fastest one within this many pp of the big model
-    latency_rounds: int = 3  # interleaved small/big latency rounds (medians)
+    thresholds: list[float] = bounded(factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.999], ge=0, le=1)
+    # the operating threshold: fastest one within this many pp of the big model
+    max_drop_pp: float = bounded(0.5, ge=0, le=100)
+    latency_rounds: int = bounded(3, ge=1)  # interleaved small/big latency rounds (medians)
 
     def references(self) -> list[str]:
         return [r for r in (self.small, self.big) if r and not is_path(r)]

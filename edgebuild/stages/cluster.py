@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from edgebuild.artifact import Artifact, write_json
+from edgebuild.config import bounded
 from edgebuild.errors import EdgebuildError
 from edgebuild.finetune import DEFAULT_SCHEDULER, FitConfig, fit
 from edgebuild.stage import Stage, StageResult, check_patterns
@@ -33,13 +34,13 @@ class Cluster(FitConfig, Stage):
     version: ClassVar[int] = 1
     uses: ClassVar[tuple[str, ...]] = ("data", "task", "trainer")
 
-    n_clusters: int = 16
+    n_clusters: int = bounded(16, ge=2, le=256)
     init: str = "linear"  # linear (evenly spaced between min and max: keeps the rare large weights) | k-means++
     fold_batchnorm: bool = True  # fold BatchNorm into convolutions first, so the export keeps k values per layer
     layers: list[str] = field(default_factory=list)  # regexes of layer names to cluster; empty = all
     layer_types: list[str] = field(default_factory=lambda: ["Conv2d", "Linear"])
     ignore: list[str] = field(default_factory=list)  # regexes left alone (the task's output layers always are)
-    epochs: int = 1  # fine-tuning with weights tied to their centroids; 0 = none
+    epochs: int = bounded(1, ge=0)  # fine-tuning with weights tied to their centroids; 0 = none
     optimizer: dict[str, Any] = field(default_factory=lambda: {"_target_": "torch.optim.AdamW", "_partial_": True,
                                                                "lr": 1e-4, "weight_decay": 0.0})
     scheduler: dict[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_SCHEDULER))

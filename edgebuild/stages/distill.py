@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from edgebuild.artifact import Artifact, file_digest
+from edgebuild.config import bounded
 from edgebuild.errors import EdgebuildError
 from edgebuild.finetune import Distillation, FitConfig, fit
 from edgebuild.stage import Stage, StageResult
@@ -32,8 +33,9 @@ class Distill(FitConfig, Stage):
     teacher_model: dict[str, Any] = field(default_factory=dict)  # or a model config (`model:` fields); {} = none
     teacher_weights: str | None = None  # checkpoint for teacher_model (default architecture: the recipe's model)
     student_model: dict[str, Any] = field(default_factory=dict)  # a fresh student from a model config; {} = the input
-    temperature: float = 4.0
-    alpha: float = 0.9  # weight of the distillation term; 1 - alpha goes to the task loss on labels
+    temperature: float = bounded(4.0, gt=0)
+    # weight of the distillation term; 1 - alpha goes to the task loss on labels
+    alpha: float = bounded(0.9, ge=0, le=1)
     compare_baseline: bool = False  # also train the student without a teacher, same epochs; report both
 
     def references(self) -> list[str]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from edgebuild.artifact import IR_FILE, ONNX_FILE, Artifact
+from edgebuild.config import bounded
 from edgebuild.errors import EdgebuildError
 from edgebuild.stage import Stage, StageResult
 
@@ -22,7 +23,7 @@ class Export(Stage):
 
     formats: list[str] = field(default_factory=lambda: ["openvino", "onnx"])
     dynamic_batch: bool = True
-    opset: int = 17
+    opset: int = bounded(17, ge=7, le=20)  # torch's TorchScript ONNX exporter writes opsets 7-20
 
     def check(self, cfg: Any) -> None:
         unknown = [f for f in self.formats if f not in FORMATS]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from edgebuild.artifact import Artifact, write_json
+from edgebuild.config import bounded
 from edgebuild.errors import EdgebuildError
 from edgebuild.finetune import DEFAULT_SCHEDULER, FitConfig, fit
 from edgebuild.stage import Stage, StageResult, check_patterns
@@ -36,10 +37,10 @@ class Until:
     task's primary metric exceeds the limit, keep the last model within. The limit is in points (x100):
     `max_acc_drop` (pp of top-1) or, for detectors, `max_map_drop` (points of mAP@[.5:.95]; wins when set)."""
 
-    max_acc_drop: float = 1.0
-    max_map_drop: float | None = None
-    step: float = 0.1
-    max_ratio: float = 0.9
+    max_acc_drop: float = bounded(1.0, ge=0, le=100)
+    max_map_drop: float | None = bounded(None, ge=0, le=100)
+    step: float = bounded(0.1, gt=0, lt=1)
+    max_ratio: float = bounded(0.9, gt=0, lt=1)
 
     @property
     def limit(self) -> float:
@@ -54,16 +55,19 @@ class Prune(FitConfig, Stage):
     uses: ClassVar[tuple[str, ...]] = ("data", "task", "trainer", "calibration")
 
     mode: str = "structured"
-    ratio: float = 0.5  # structured: fraction of channels removed per layer; unstructured: target sparsity
-    macs_target: float | None = None  # structured: keep this fraction of the MACs (instead of `ratio`)
+    # structured: fraction of channels removed per layer; unstructured: target sparsity
+    ratio: float = bounded(0.5, gt=0, lt=1)
+    # structured: keep this fraction of the MACs (instead of `ratio`)
+    macs_target: float | None = bounded(None, gt=0, lt=1)
     importance: str = "l1"  # structured: l1 | l2 | bn_scale | activation
-    activation_threshold: float = 0.05  # activation: channels non-zero for fewer inputs than this go first
+    # activation: channels non-zero for fewer inputs than this go first
+    activation_threshold: float = bounded(0.05, ge=0, le=1)
     global_pruning: bool = False  # structured: rank channels across layers instead of the same ratio per layer
     # structured: keep channel counts multiples of this. CPU kernels work in SIMD blocks (8 floats on AVX2,
     # 16 on AVX-512), so 33 channels cost as much as 48; rounding made a 50 %-MACs MobileNetV2 x1.49 -> x2.00
     # faster on OpenVINO CPU (docs/benchmarks.md). Layers with no more channels than this are left whole.
-    round_to: int | None = None
-    iterative_steps: int = 1  # structured: prune in N steps with fine-tuning after each
+    round_to: int | None = bounded(None, ge=1)
+    iterative_steps: int = bounded(1, ge=1)  # structured: prune in N steps with fine-tuning after each
     scope: str = "global"  # unstructured: global | layer (one threshold per layer)
     # unstructured: depthwise convs hold 9 weights per channel, a tiny share of the model; under a global
     # threshold whole depthwise layers fall to zero (layer collapse: MobileNetV2 at 80 % lost six)
@@ -73,7 +77,7 @@ class Prune(FitConfig, Stage):
     layer_types: list[str] = field(default_factory=lambda: ["Conv2d", "Linear"])
     ignore: list[str] = field(default_factory=list)  # regexes never pruned (the task's output layers always are)
     until: Until | None = None
-    epochs: int = 2  # fine-tuning epochs (per step when iterative or with `until`)
+    epochs: int = bounded(2, ge=0)  # fine-tuning epochs (per step when iterative or with `until`)
     optimizer: dict[str, Any] = field(default_factory=lambda: {"_target_": "torch.optim.AdamW", "_partial_": True,
                                                                "lr": 1e-3, "weight_decay": 1e-4})
     scheduler: dict[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_SCHEDULER))

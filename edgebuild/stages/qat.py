@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from edgebuild.artifact import IR_FILE, Artifact, write_json
+from edgebuild.config import bounded
 from edgebuild.errors import EdgebuildError
 from edgebuild.finetune import DEFAULT_OPTIMIZER, FitConfig, fit
 from edgebuild.stage import Stage, StageResult
@@ -24,7 +25,7 @@ class QAT(FitConfig, Stage):
     version: ClassVar[int] = 1
     uses: ClassVar[tuple[str, ...]] = ("data", "task", "trainer", "calibration")
 
-    epochs: int = 2
+    epochs: int = bounded(2, ge=1)
     # fine-tuning a trained model through fake-quantizers: a small lr (OpenVINO's QAT guide: about 1e-4)
     optimizer: dict[str, Any] = field(default_factory=lambda: {**DEFAULT_OPTIMIZER, "lr": 1e-4})
     preset: str = "performance"  # performance = symmetric activations; mixed = asymmetric activations

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from edgebuild.artifact import IR_FILE, ONNX_FILE, Artifact, write_json
+from edgebuild.config import bounded
 from edgebuild.errors import EdgebuildError
 from edgebuild.stage import Stage, StageResult, check_patterns
 
@@ -53,7 +54,8 @@ class Quantize(Stage):
     ignored_names: list[str] = field(default_factory=list)  # layer names kept in floating point
     ignored_patterns: list[str] = field(default_factory=list)  # regexes over layer names, kept in floating point
     model_type: str | None = None  # "transformer": NNCF's transformer-aware scheme. OpenVINO only
-    max_drop: float | None = None  # accuracy control: max absolute drop of the task's primary metric
+    # accuracy control: max absolute drop of the task's primary metric
+    max_drop: float | None = bounded(None, gt=0, lt=1)
     # (0.01 = 1 pp of top-1) on the validation split. OpenVINO only
 
     # ---------------------------------------------------------------------------- plan time

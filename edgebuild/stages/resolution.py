@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from edgebuild.artifact import Artifact
+from edgebuild.config import bounded
 from edgebuild.errors import EdgebuildError
 from edgebuild.finetune import FitConfig, fit
 from edgebuild.stage import Stage, StageResult
@@ -26,8 +27,8 @@ class Resolution(FitConfig, Stage):
     uses: ClassVar[tuple[str, ...]] = ("data", "task", "trainer")
     tasks: ClassVar[tuple[str, ...]] = ("classification",)  # resizing detection data would also move the boxes
 
-    image_size: int = 0  # the new square input size in pixels (required)
-    epochs: int = 3  # fine-tuning at the new size; 0 = none
+    image_size: int = bounded(0, ge=0)  # the new square input size in pixels (required)
+    epochs: int = bounded(3, ge=0)  # fine-tuning at the new size; 0 = none
 
     def check(self, cfg: Any) -> None:
         if self.image_size < 1:

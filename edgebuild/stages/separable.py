@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from edgebuild.artifact import Artifact
+from edgebuild.config import bounded
 from edgebuild.errors import EdgebuildError
 from edgebuild.stage import Stage, StageResult, check_patterns
 
@@ -28,7 +29,7 @@ class Separable(Stage):
     uses: ClassVar[tuple[str, ...]] = ()  # a pure function of the input model and the options
 
     layers: list[str] = field(default_factory=list)  # module names or regexes (full match); empty = all eligible
-    min_macs: int = 0  # only layers costing at least this many MACs at the model's input shape
+    min_macs: int = bounded(0, ge=0)  # only layers costing at least this many MACs at the model's input shape
     batchnorm: bool = False  # BatchNorm between depthwise and pointwise (starts as identity)
     activation: str | None = None  # relu | relu6 between them (after the BatchNorm); null = linear
 
