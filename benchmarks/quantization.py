@@ -4,7 +4,8 @@ directly with its defaults (the anchor a user would otherwise reach for), on the
     python benchmarks/quantization.py [--limit 50000] [--epochs 8] [--qat-epochs 1] [--rounds 5]
 
 Builds with edgebuild itself (`python -m edgebuild`: the shared CIFAR-10 baseline of
-benchmarks/cifar_baseline.py, so training is a cache hit in outputs/bench-cache once built), adding quantize / quantize(max_drop) / qat / fp16 stages on the trained model.
+benchmarks/cifar_baseline.py, so training is a cache hit in outputs/bench-cache once built), adding
+quantize / quantize(max_drop) / qat / fp16 stages on the trained model.
 Top-1 on the held-out test split (20 % of the images) comes from each stage's measured deployable.
 Latency: batch 1, 2 threads, every IR compiled the same way (f32 hint for float layers) and measured in
 interleaved rounds in one process, at the model's own 32x32 and reshaped to 224x224 (latency only);

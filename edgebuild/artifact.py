@@ -12,6 +12,9 @@ KINDS = ("torch", "onnx", "openvino")
 TORCH_FILE = "model.pt"
 ONNX_FILE = "model.onnx"
 IR_FILE = "model.xml"
+# What a user folder may hold: runtime formats only, by their model.json "format" and file suffixes.
+# A torch pickle runs code when loaded, so "torch" is never read from a user path.
+USER_FORMATS = {"openvino": (".xml", ".bin"), "openvino IR": (".xml", ".bin"), "onnx": (".onnx", ".data")}
 
 
 def file_digest(path: Path) -> str:
@@ -99,6 +102,54 @@ class Artifact:
         model = torch.load(self.main_file, weights_only=False)  # trusted: edgebuild's own cache
         model.eval()
         return model
+
+
+def read_deploy_folder(path: str | Path, what: str = "deploy folder") -> Artifact:
+    """A user's edgebuild deploy/ folder (model files + model.json) as an artifact, checked before use:
+    a runtime format, files inside the folder with that format's suffixes, and a 4-d input shape."""
+    from edgebuild.errors import EdgebuildError
+
+    root = Path(path).expanduser()
+    fix = "give the deploy/ folder of an edgebuild build (model.json with format openvino or onnx, files, input_shape)"
+
+    def bad(problem: str) -> EdgebuildError:
+        return EdgebuildError(f"{what} {root}: {problem}", fix)
+
+    try:
+        spec = json.loads((root / "model.json").read_text())
+    except FileNotFoundError:
+        raise bad("has no model.json") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"model.json cannot be read ({e})") from None
+    if not isinstance(spec, dict):
+        raise bad("model.json is not a JSON object")
+    missing = [k for k in ("format", "files", "input_shape") if k not in spec]
+    if missing:
+        raise bad(f"model.json has no {', '.join(missing)}")
+    fmt = spec["format"]
+    if fmt not in USER_FORMATS:
+        raise bad(f"format {fmt!r} is not a runtime format ({', '.join(sorted(set(USER_FORMATS) - {'openvino IR'}))});"
+                  " edgebuild never loads torch pickles or other code-bearing files from user folders")
+    files = spec["files"]
+    if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
+        raise bad("model.json files is not a non-empty list of file names")
+    for name in files:
+        file = (root / name).resolve()
+        if not file.is_relative_to(root.resolve()):
+            raise bad(f"file {name!r} lies outside the folder")
+        if not name.endswith(USER_FORMATS[fmt]):
+            raise bad(f"file {name!r} is not a {fmt} file ({', '.join(USER_FORMATS[fmt])})")
+        if not file.is_file():
+            raise bad(f"file {name!r} does not exist")
+    shape = spec["input_shape"]
+    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(d, int) and d > 0 for d in shape)):
+        raise bad(f"input_shape {shape!r} is not [N, C, H, W] of positive integers")
+    pre = spec.get("preprocess") or {}
+    meta = {"input_shape": shape, "layout": spec.get("layout", "NCHW"), "mean": pre.get("mean"),
+            "std": pre.get("std"), "scale": pre.get("scale", 255.0), "class_names": spec.get("class_names"),
+            "task": spec.get("task"), "outputs": spec.get("outputs"), "postprocess": spec.get("postprocess")}
+    kind = "openvino" if fmt == "openvino IR" else fmt
+    return Artifact(kind, root, list(files), meta=meta, digest=tree_digest(root, list(files)))
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -51,13 +51,15 @@ def check_ranges(schema: type, values: Any, prefix: str) -> None:
         bounds = f.metadata.get("bounds")
         if not bounds or value is None:
             continue
-        for item in (value if isinstance(value, (list, tuple)) or _is_list_node(value) else [value]):
+        is_list = isinstance(value, (list, tuple)) or _is_list_node(value)
+        for i, item in enumerate(value if is_list else [value]):
             ok = isinstance(item, (int, float)) and not isinstance(item, bool) and math.isfinite(item)
             ok = ok and all(_BOUND_OK[k](float(item), float(v)) for k, v in bounds.items())
             if not ok:
+                where = f"{key}[{i}]" if is_list else key
                 example = f.default if isinstance(f.default, (int, float)) else None
-                raise EdgebuildError(f"{key}={item} is out of range: it must be {describe_bounds(bounds)}",
-                                     f"set {key} to a value {describe_bounds(bounds)}"
+                raise EdgebuildError(f"{where}={item} is out of range: it must be {describe_bounds(bounds)}",
+                                     f"set {where} to a value {describe_bounds(bounds)}"
                                      + (f" (default {example})" if example is not None else ""))
 
 

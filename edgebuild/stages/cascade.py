@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from edgebuild.artifact import Artifact, tree_digest
+from edgebuild.artifact import Artifact, read_deploy_folder
 from edgebuild.config import bounded
 from edgebuild.errors import EdgebuildError
 from edgebuild.stage import Stage, StageResult
@@ -60,17 +60,17 @@ class Cascade(Stage):
         if bad or not self.thresholds:
             raise EdgebuildError(f"cascade thresholds {bad or '[]'} are not confidences in [0, 1]",
                                  "give one or more thresholds between 0 and 1, e.g. [0.8, 0.9, 0.99]")
-        for ref in (self.small, self.big):
-            if ref and is_path(ref) and not (Path(ref).expanduser() / "model.json").is_file():
-                raise EdgebuildError(f"cascade model {ref} is not a deploy folder (no model.json)",
-                                     "give a stage name or the deploy/ folder of an edgebuild build")
+        for role in ("small", "big"):
+            ref = getattr(self, role)
+            if ref and is_path(ref):
+                read_deploy_folder(ref, f"cascade {role}=")
 
     def params(self) -> dict[str, Any]:
         p = super().params()
         for role in ("small", "big"):  # a folder's content, not only its name, decides the output
             ref = getattr(self, role)
             if ref and is_path(ref):
-                p[f"{role}_digest"] = deploy_folder(ref).digest
+                p[f"{role}_digest"] = read_deploy_folder(ref, f"cascade {role}=").digest
         return p
 
     def run(self, ctx: Any) -> StageResult:
@@ -119,7 +119,7 @@ class Cascade(Stage):
         return StageResult(artifact, metrics, files=files, steps=steps, notes=notes)
 
     def _artifact(self, ctx: Any, ref: str) -> Artifact:
-        return deploy_folder(ref) if is_path(ref) else ctx.artifacts[ref]
+        return read_deploy_folder(ref) if is_path(ref) else ctx.artifacts[ref]
 
     def _bundle(self, ctx: Any, deployables: dict[str, Artifact], threshold: float) -> Artifact:
         """The small model's deployable with the big one's files beside it (flat: packaging copies files)."""
@@ -135,18 +135,6 @@ class Cascade(Stage):
         cascade = {"threshold": threshold, "rule": RULE, "big_model": f"big_{Path(deployables['big'].files[0]).name}",
                    "big_input_shape": deployables["big"].meta["input_shape"]}
         return Artifact(small.kind, ctx.workdir, files, meta={**small.meta, "deploy_cascade": cascade})
-
-
-def deploy_folder(path: str) -> Artifact:
-    """An edgebuild deploy/ folder (model files + model.json) as an artifact."""
-    root = Path(path).expanduser()
-    spec = json.loads((root / "model.json").read_text())
-    pre = spec.get("preprocess", {})
-    meta = {"input_shape": spec["input_shape"], "layout": spec.get("layout", "NCHW"), "mean": pre.get("mean"),
-            "std": pre.get("std"), "scale": pre.get("scale", 255.0), "class_names": spec.get("class_names"),
-            "task": spec.get("task"), "outputs": spec.get("outputs"), "postprocess": spec.get("postprocess")}
-    fmt = {"openvino IR": "openvino"}.get(spec["format"], spec["format"])
-    return Artifact(fmt, root, list(spec["files"]), meta=meta, digest=tree_digest(root, list(spec["files"])))
 
 
 def predict(deployable: Artifact, ctx: Any) -> tuple[np.ndarray, np.ndarray]:

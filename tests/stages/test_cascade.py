@@ -71,11 +71,11 @@ def test_curve_plot_and_steps_are_in_mlflow(built):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("stages.cascade.thresholds=[0.5,1.5]", r"thresholds \[1.5\] are not confidences in \[0, 1\]"),
+    ("stages.cascade.thresholds=[0.5,1.5]", r"cascade.thresholds\[1\]=1.5 is out of range: it must be >= 0 and <= 1"),
     ("stages.cascade.thresholds=[]", "are not confidences"),
     ("stages.cascade.big=null", "cascade needs the big model"),
     ("stages.cascade.big=nosuch", "reference 'nosuch' is not a stage"),
-    ("stages.cascade.big=/nonexistent/deploy", "is not a deploy folder"),
+    ("stages.cascade.big=/nonexistent/deploy", "has no model.json"),
 ])
 def test_bad_cascade_config_fails_at_plan_time(override, message):
     with pytest.raises(EdgebuildError, match=message):
