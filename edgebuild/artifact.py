@@ -142,7 +142,7 @@ def read_deploy_folder(path: str | Path, what: str = "deploy folder") -> Artifac
         if not file.is_file():
             raise bad(f"file {name!r} does not exist")
     shape = spec["input_shape"]
-    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(d, int) and d > 0 for d in shape)):
+    if not (isinstance(shape, list) and len(shape) == 4 and all(type(d) is int and d > 0 for d in shape)):
         raise bad(f"input_shape {shape!r} is not [N, C, H, W] of positive integers")
     pre = spec.get("preprocess") or {}
     meta = {"input_shape": shape, "layout": spec.get("layout", "NCHW"), "mean": pre.get("mean"),

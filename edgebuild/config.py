@@ -66,6 +66,7 @@ def check_ranges(schema: type, values: Any, prefix: str) -> None:
 def check_config(cfg: Any) -> None:
     """Plan time: every number of the build config (stages aside: `build_stage` checks each) in range."""
     check_ranges(Config, cfg, "")
+    check_targets(cfg)
     split = cfg.data.split
     if split.val + split.test >= 1:
         raise EdgebuildError(f"data.split.val + data.split.test = {split.val + split.test:g} leaves no training data",
@@ -288,11 +289,81 @@ def typed_stage(node: Any) -> Any:
     return OmegaConf.merge(OmegaConf.create({"kind": kind}), typed)
 
 
+ALLOWED_TARGETS_ENV = "EDGEBUILD_ALLOWED_TARGETS"
+# what edgebuild's own configs name; always importable, whatever the allow-list says
+ALWAYS_ALLOWED = ("edgebuild", "torch.optim", "torchvision.models")
+
+
+def allowed_target_prefixes() -> tuple[str, ...] | None:
+    """The `_target_` allow-list from the environment (comma-separated module prefixes), or None:
+    any importable path. An environment variable, so a recipe cannot widen the operator's policy."""
+    import os
+
+    raw = os.environ.get(ALLOWED_TARGETS_ENV, "")
+    prefixes = tuple(p.strip().rstrip(".") for p in raw.split(",") if p.strip())
+    return (*ALWAYS_ALLOWED, *prefixes) if prefixes else None
+
+
+def check_target(path: Any, key: str = "_target_") -> None:
+    """Refuse a `_target_` outside the allow-list, before anything is imported."""
+    prefixes = allowed_target_prefixes()
+    if prefixes is None:
+        return
+    if not isinstance(path, str) or not any(path == p or path.startswith(p + ".") for p in prefixes):
+        raise EdgebuildError(
+            f"{key} {path!r} is outside the allowed _target_ prefixes ({', '.join(prefixes)})",
+            f"use a class from an allowed package, or add its package to {ALLOWED_TARGETS_ENV} "
+            f"(comma-separated, e.g. {ALLOWED_TARGETS_ENV}=mypkg.models)")
+
+
+def nested_targets(node: Any, key: str = "") -> list[tuple[str, Any]]:
+    """Every (`key`, `_target_`) in a config tree, without resolving interpolations."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(node, (DictConfig, ListConfig)):
+        node = OmegaConf.to_container(node, resolve=False)
+    found = []
+    if isinstance(node, dict):
+        if "_target_" in node:
+            found.append((f"{key}._target_" if key else "_target_", node["_target_"]))
+        for k, v in node.items():
+            found += nested_targets(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found += nested_targets(v, f"{key}[{i}]")
+    return found
+
+
+def check_targets(cfg: Any) -> None:
+    """Plan time: every `_target_` of the build config is allowed (nothing is imported here)."""
+    if allowed_target_prefixes() is None:
+        return
+    for key, path in nested_targets(cfg):
+        if path is not None:
+            check_target(path, key)
+
+
+def resolve_target(path: str, key: str = "_target_") -> Any:
+    """Import the object a dotted `_target_` path names, after the allow-list allows it."""
+    import importlib
+
+    check_target(path, key)
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise EdgebuildError(f"{key} {path!r} cannot be imported",
+                             "give a dotted path to a class or function") from None
+
+
 def instantiate(node: Any, **kwargs: Any) -> Any:
-    """The one place that calls hydra's instantiate (a future `_target_` allow-list goes here)."""
+    """The one place that calls hydra's instantiate; every nested `_target_` passes the allow-list
+    first, so a refused module is never imported."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate as hydra_instantiate
 
+    for key, path in nested_targets(node):
+        check_target(path, key)
     try:
         return hydra_instantiate(node, **kwargs)
     except InstantiationException as e:

@@ -32,13 +32,13 @@ EXTRA_BUILDERS: dict[str, Any] = {name: "edgebuild.detection.models.build" for n
 
 
 def build_model(cfg: Any, dm: Any) -> Any:
-    from edgebuild.config import instantiate
+    from edgebuild.config import instantiate, resolve_target
 
     num_classes = cfg.num_classes or dm.num_classes
     in_channels = cfg.in_channels or dm.input_shape[1]
     kwargs = dict(cfg.kwargs or {})
     if cfg._target_:
-        fn = _resolve(cfg._target_)
+        fn = resolve_target(cfg._target_, "model._target_")
         accepted = _accepted(fn)
         scored = num_classes + getattr(dm, "background_classes", 0)  # torchvision detectors count the background
         extra = {k: v for k, v in (("num_classes", scored), ("in_channels", in_channels)) if k in accepted}
@@ -47,7 +47,7 @@ def build_model(cfg: Any, dm: Any) -> Any:
         model = BUILTIN[cfg.name](num_classes=num_classes, in_channels=in_channels, **kwargs)
     elif cfg.name in EXTRA_BUILDERS:
         builder = EXTRA_BUILDERS[cfg.name]
-        builder = _resolve(builder) if isinstance(builder, str) else builder
+        builder = resolve_target(builder) if isinstance(builder, str) else builder
         model = builder(cfg, dm, num_classes=num_classes, in_channels=in_channels, **kwargs)
     else:
         model = _torchvision(cfg, num_classes, in_channels, kwargs)
@@ -131,17 +131,6 @@ def load_weights(model: Any, path: Path, strict: bool = True) -> None:
                              "check model.name/num_classes, or set model.strict_weights=false to load only the "
                              "matching layers (e.g. pretrained backbone with a new classifier head)")
     model.load_state_dict({k: v for k, v in state.items() if k in own and k not in mismatched}, strict=False)
-
-
-def _resolve(path: str) -> Any:
-    import importlib
-
-    module, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        raise EdgebuildError(f"model._target_ {path!r} cannot be imported",
-                             "give a dotted path to a class or function") from None
 
 
 def _accepted(fn: Any) -> set[str]:
