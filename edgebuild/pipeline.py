@@ -119,6 +119,7 @@ class Builder:
         self.target = make_target(cfg.target)
         self.target.check()
         self.cache = Cache(Path(cfg.cache.dir), enabled=cfg.cache.enabled, scratch=self.run_dir / "work")
+        self.cache.check_writable()
         self.data = self.task.datamodule(cfg.data, Path(cfg.cache.dir))
         self.artifacts: dict[str, Artifact] = {}
         self.measured: dict[str, dict[str, Any]] = {}
@@ -174,7 +175,7 @@ class Builder:
             art.digest = key  # identified by its description: pickles of equal models may differ
             return {"artifact": art.to_json(relative_to=folder)}
 
-        entry = self.cache.get(key) or self.cache.put(key, produce)
+        entry = self.cache.get(key) or self.cache.put(key, produce, "the model source")
         return Artifact.from_json(entry.record["artifact"], relative_to=entry.path)
 
     # ----------------------------------------------------------------------------- stages
@@ -201,14 +202,14 @@ class Builder:
                     "files": result.files, "steps": result.steps, "notes": result.notes,
                     "seconds": time.perf_counter() - t0, "key": key, "kind": stage.kind, "version": stage.version}
 
-        entry = self.cache.get(key, verify) or self.cache.put(key, produce)
+        entry = self.cache.get(key, verify) or self.cache.put(key, produce, f"stage {name!r} ({stage.kind})")
         artifact = Artifact.from_json(entry.record["artifact"], relative_to=entry.path)
-        measured = self.measure(artifact)
+        measured = self.measure(artifact, name)
         self.artifacts[name] = artifact
         self.measure_entries[name] = measured
         return entry, measured
 
-    def measure(self, artifact: Artifact) -> Entry:
+    def measure(self, artifact: Artifact, name: str) -> Entry:
         from edgebuild.evaluate import measure_static
 
         key = self.measure_key(artifact)
@@ -228,7 +229,7 @@ class Builder:
             return {"deployable": deployable.to_json(relative_to=folder), "metrics": metrics,
                     "seconds": time.perf_counter() - t0}
 
-        return self.cache.get(key, verify) or self.cache.put(key, produce)
+        return self.cache.get(key, verify) or self.cache.put(key, produce, f"stage {name!r}'s deployable")
 
     def _measure_ctx(self) -> Context:
         return Context(cfg=self.cfg, workdir=self.run_dir, data=self.data, task=self.task, target=self.target,
@@ -356,4 +357,11 @@ class Builder:
 
 
 def build(cfg: Any, run_dir: Path, recipe: str, tags: dict[str, Any] | None = None) -> dict[str, Any]:
-    return Builder(cfg, run_dir, recipe, tags).build()
+    from edgebuild.cache import DISK_FULL, disk_full_error
+
+    try:
+        return Builder(cfg, run_dir, recipe, tags).build()
+    except OSError as e:  # outside the cache (the run folder, the MLflow store): the runs have ended FAILED
+        if e.errno in DISK_FULL:
+            raise disk_full_error(e.filename or run_dir, "the build's outputs", e) from None
+        raise
