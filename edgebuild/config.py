@@ -220,7 +220,8 @@ class TrackingConf:
     uri: str = "sqlite:///outputs/mlflow.db"
     experiment: str | None = None  # default: edgebuild/<recipe>
     artifact_location: str = "outputs/mlartifacts"
-    log_model: bool = True  # the final deployable as run artifacts
+    log_model: bool = True  # the final deployable as run artifacts and an MLflow logged model (pyfunc)
+    register: str | None = None  # register the logged model under this name in the Model Registry
 
 
 @dataclass

@@ -115,6 +115,9 @@ class Builder:
         self.cfg, self.run_dir, self.recipe = cfg, Path(run_dir), recipe
         self.extra_tags = dict(tags or {})  # e.g. the sweep id of a multirun
         self.stages = plan(cfg)
+        from edgebuild.tracking import check_store
+
+        check_store(cfg.tracking)  # an unwritable MLflow store stops the build before any work
         self.task = make_task(cfg.task)
         self.target = make_target(cfg.target)
         self.target.check()
@@ -259,12 +262,15 @@ class Builder:
         with tracker.build(self.recipe, flatten(resolved), tags) as parent:
             summary["mlflow_run_id"] = parent.run_id
             summary["mlflow_experiment"] = tracker.experiment
+            dataset = self.dataset_info()
             try:
+                parent.log_input(dataset, "build")
                 self.artifacts["model"] = self.source()
                 previous_metrics: dict[str, Any] = {}
                 for name, stage, source in self.stages:
                     t0 = time.perf_counter()
                     with tracker.stage(name, {"kind": stage.kind, "stage_version": stage.version}) as srun:
+                        srun.log_input(dataset, name)
                         entry, measured = self.run_stage(name, stage, source, srun)
                         deployable = Artifact.from_json(measured.record["deployable"], relative_to=measured.path)
                         metrics: dict[str, Any] = dict(measured.record["metrics"])
@@ -315,11 +321,16 @@ class Builder:
                                             f"measured on the CPU as a proxy (latency/proxy_device)")
                 final = summary["stages"][-1]["metrics"]
                 summary["budget"] = budgets.check(final, [("recipe", cfg.budget), ("target", cfg.target.budget)])
+                # the final deployable's metrics on the parent too (the same keys as its stage run); then the
+                # logged model, to which MLflow links the run's metrics
+                parent.record({**final, "budget/ok": summary["budget"]["ok"]})
+                if cfg.tracking.log_model:
+                    summary["mlflow_model_uri"] = tracker.log_model(deploy_dir, dataset)
                 summary["seconds"] = time.perf_counter() - t_build
                 path = summaries.write(summary, self.run_dir)
                 status = "ok" if summary["budget"]["ok"] else "budget_violated"
                 tracker.set_tags({"status": status, "budget_ok": summary["budget"]["ok"]})
-                parent.record({"budget/ok": summary["budget"]["ok"], "build/seconds": summary["seconds"]},
+                parent.record({"build/seconds": summary["seconds"]},
                               files={"summary": path, "summary_md": path.with_suffix(".md")},
                               folders={"deploy": deploy_dir} if cfg.tracking.log_model else None)
             except BaseException as e:
@@ -329,6 +340,13 @@ class Builder:
         if not summary["budget"]["ok"]:
             raise BudgetExceeded(summary)
         return summary
+
+    def dataset_info(self) -> dict[str, Any]:
+        """What tracking logs as the runs' dataset input: name, source, fingerprint."""
+        root = self.cfg.data.get("root")
+        return {"name": self.cfg.data.name, "root": str(Path(str(root)).expanduser()) if root else None,
+                "signature": getattr(getattr(self.data, "_source", None), "signature", None),
+                "fingerprint": self.data.fingerprint}
 
     def package(self, name: str) -> Path:
         """The final deployable: model files plus model.json, runnable without edgebuild."""

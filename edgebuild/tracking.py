@@ -2,6 +2,9 @@
 
 One parent run per build, one nested run per stage (cache hits included, tagged as such), child runs
 for a stage's sub-steps. Every run ends FINISHED, FAILED or KILLED (Ctrl-C), never RUNNING.
+The parent run also carries the final stage's metrics, the data as its dataset input (digest = the
+data fingerprint, on every stage run too) and the final deployable as an MLflow logged model: a pyfunc
+from code (edgebuild/pyfunc_model.py, nothing pickled), optionally registered (`tracking.register`).
 """
 
 from __future__ import annotations
@@ -45,6 +48,17 @@ def split_metrics(metrics: dict[str, Any]) -> tuple[dict[str, float], dict[str, 
 class StageRun:
     def __init__(self, tracker: Tracker | None, run_id: str | None):
         self.tracker, self.run_id = tracker, run_id
+
+    def log_input(self, dataset: dict[str, Any] | None, context: str) -> None:
+        """The data as this run's dataset input (MLflow's Dataset column): name, source, digest."""
+        if self.tracker is None or not dataset:
+            return
+        import mlflow
+        from mlflow.entities import DatasetInput, InputTag
+
+        tags = [InputTag("mlflow.data.context", context), InputTag("fingerprint", dataset["fingerprint"])]
+        entity = _dataset(dataset)._to_mlflow_entity()
+        mlflow.MlflowClient().log_inputs(self.run_id, datasets=[DatasetInput(entity, tags)])
 
     def logger(self, name: str) -> Any:
         """A Lightning logger writing training curves into this stage's run."""
@@ -96,9 +110,14 @@ class Tracker:
         import mlflow
 
         check_reachable(self.uri)
+        check_store(self.cfg)
         mlflow.set_tracking_uri(self.uri)
-        with _store_lock(self.uri):
-            self._open_experiment()
+        try:
+            with _store_lock(self.uri):
+                self._open_experiment()
+        except OSError as e:
+            raise EdgebuildError(f"cannot write the MLflow store {self.uri}: {e.filename or ''} {e.strerror or e}",
+                                 "set tracking.uri to a writable path, or run with tracking=none") from None
 
     def _open_experiment(self) -> None:
         import mlflow
@@ -162,6 +181,32 @@ class Tracker:
         for k, v in tags.items():
             mlflow.MlflowClient().set_tag(self.parent_id, k, str(v))
 
+    def log_model(self, deploy_dir: Path, dataset: dict[str, Any] | None = None) -> str | None:
+        """The final deployable as an MLflow logged model of the parent run (a pyfunc from code that
+        runs it with its runtime). The parent's metrics (record them first) are linked to it, and
+        `tracking.register=NAME` registers it. Returns the model URI."""
+        import mlflow
+        from mlflow.models import Model, ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        spec = json.loads((Path(deploy_dir) / "model.json").read_text())
+        runtime = {"openvino": "openvino", "onnx": "onnxruntime"}.get(spec["format"])
+        if runtime is None:
+            log.warning("no MLflow model for a %s deployable", spec["format"])
+            return None
+        import numpy as np
+
+        shape = (-1, *[int(d) for d in spec["input_shape"][1:]])
+        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), shape, name="input")]))
+        register = self.cfg.get("register") or None
+        tags = {"recipe": spec.get("recipe"), "stage": spec.get("stage"), "format": spec["format"],
+                "precision": spec.get("precision"), "data_fingerprint": (dataset or {}).get("fingerprint")}
+        info = Model.log(artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=self.parent_id,
+                         python_model=str(PYFUNC_CODE), artifacts={"deploy": str(deploy_dir)}, signature=signature,
+                         pip_requirements=_requirements(runtime), registered_model_name=register,
+                         tags={k: str(v) for k, v in tags.items() if v is not None}, model_type="edgebuild-deployable")
+        return info.model_uri
+
 
 class NullTracker:
     """tracking=none: same interface, records nothing."""
@@ -180,9 +225,85 @@ class NullTracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         pass
 
+    def log_model(self, deploy_dir: Path, dataset: dict[str, Any] | None = None) -> str | None:
+        return None
+
 
 def make_tracker(cfg: Any, experiment: str) -> Tracker | NullTracker:
     return Tracker(cfg, experiment) if cfg.enabled else NullTracker()
+
+
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")  # loaded by MLflow, never imported by edgebuild
+
+
+def _requirements(runtime: str) -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in ("mlflow", "numpy", runtime):
+        try:
+            out.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+def _dataset(info: dict[str, Any]) -> Any:
+    """An MLflow dataset naming edgebuild's data: a folder source when it has a root, else the code
+    source with the data's signature. Its digest is the data fingerprint, cut to the 36 characters
+    MLflow's store holds (the input's `fingerprint` tag has all of it)."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    root = info.get("root")
+    if root:
+        import warnings
+
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are the local source
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(str(Path(str(root)).expanduser().resolve()))
+    else:
+        source = CodeDatasetSource({"edgebuild.data": str(info["name"]), "signature": str(info.get("signature"))})
+    return MetaDataset(source, name=str(info["name"]), digest=str(info["fingerprint"])[:36])
+
+
+def check_store(conf: Any) -> None:
+    """A local MLflow store (SQLite or file) and artifact location must be writable: checked right
+    after planning, before any stage work, so an unwritable store is one message (exit 2), not a
+    traceback after the first stage, and no run is left RUNNING."""
+    if not conf.enabled:
+        return
+    uri = str(conf.uri)
+    folders: list[tuple[str, Path, str]] = []
+    if uri.startswith("sqlite:///"):
+        folders.append((f"the MLflow store {uri}", Path(uri[len("sqlite:///"):]).parent, "tracking.uri"))
+    elif uri.startswith("file:") or "://" not in uri:
+        folders.append((f"the MLflow store {uri}", Path(uri[len("file://"):] if uri.startswith("file://")
+                                                        else uri[len("file:"):] if uri.startswith("file:") else uri),
+                        "tracking.uri"))
+    else:
+        return  # a server: check_reachable() at the build's start
+    location = str(conf.artifact_location)
+    if "://" not in location or location.startswith("file:"):
+        folders.append((f"the MLflow artifact location {location}", Path(location.removeprefix("file://")),
+                        "tracking.artifact_location"))
+    for what, folder, key in folders:
+        problem = _unwritable(folder.expanduser())
+        if problem:
+            raise EdgebuildError(f"cannot write {what}: {problem}",
+                                 f"set {key} to a writable path (e.g. tracking.uri=sqlite:///outputs/mlflow.db "
+                                 f"tracking.artifact_location=outputs/mlartifacts), or run with tracking=none")
+
+
+def _unwritable(folder: Path) -> str | None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".edgebuild-write-check-"):
+            pass
+    except OSError as e:
+        return f"{e.filename or folder}: {e.strerror or e}"
+    return None
 
 
 def _params(flat: dict[str, Any]) -> dict[str, str]:
