@@ -456,7 +456,7 @@ def voc_source(cfg: Any, cache_dir: Path) -> Source:
     found = {o.findtext("name", "").strip() for _, t in parsed for o in t.iter("object")}
     names = list(given) if given else sorted(found)
     index = {n: i for i, n in enumerate(names)}
-    keep_difficult = bool(cfg.options.get("keep_difficult", False))
+    keep_difficult = data_option(cfg, "keep_difficult")
     records = []
     for x, tree in parsed:
         file = root / "JPEGImages" / tree.findtext("filename", "").strip()
