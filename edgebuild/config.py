@@ -67,6 +67,10 @@ def check_config(cfg: Any) -> None:
     """Plan time: every number of the build config (stages aside: `build_stage` checks each) in range."""
     check_ranges(Config, cfg, "")
     check_targets(cfg)
+    from edgebuild.data import DATA_OPTIONS, data_option
+
+    for key in DATA_OPTIONS:  # the typed data.options keys (the others are loader-specific extras)
+        data_option(cfg.data, key)
     split = cfg.data.split
     if split.val + split.test >= 1:
         raise EdgebuildError(f"data.split.val + data.split.test = {split.val + split.test:g} leaves no training data",

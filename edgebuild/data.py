@@ -46,6 +46,28 @@ class Source:
     pool: Labelled | None = None
     splits: dict[str, Labelled] | None = None
     load: Callable[[], Source] | None = None  # decode later: a fully cached build never needs the pixels
+    # where the data came from, for the summary: {split: text} for ready-made splits, and the pool's text
+    origins: dict[str, str] | None = None
+    pool_origin: str | None = None
+    pool_name: str | None = None  # short name in "split from NAME by seed S" (default: the pool's text)
+    sizes: dict[str, int] | None = None  # images per ready-made split and "pool", when known before decoding
+
+
+# typed keys of data.options (every other key is a loader-specific extra); `strict` does not enter the fingerprint
+DATA_OPTIONS: dict[str, tuple[type, Any]] = {"strict": (bool, False), "keep_difficult": (bool, False)}
+UNFINGERPRINTED_OPTIONS = ("strict",)  # they decide whether a build may go on, not what data it sees
+
+
+def data_option(cfg: Any, key: str) -> Any:
+    """A typed data.options key, its default when unset; a value of the wrong type is an input error."""
+    kind, default = DATA_OPTIONS[key]
+    value = (cfg.options or {}).get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, kind):
+        raise EdgebuildError(f"data.options.{key}={value!r} must be a {kind.__name__}",
+                             f"set data.options.{key}=true or false (default {str(default).lower()})")
+    return value
 
 
 def _resize(images: np.ndarray, size: int, channels: int) -> np.ndarray:
@@ -185,7 +207,11 @@ def imagefolder_source(cfg: Any, cache_dir: Path) -> Source:
         raise EdgebuildError(f"class folder(s) {', '.join(empty)} under {root} hold no images",
                              "add images to them or remove the empty folders")
 
-    return Source(names, signature, load=lambda: _decode_folder(cfg, cache_dir, names, signature, images_, parse))
+    present = {parse(e[0])[0] for e in images_ if parse(e[0])[1]}
+    origins = ({sp: f"folder {root}/{prefix + '/' if prefix else ''}{sp}" for sp in SPLITS}
+               if present >= set(SPLITS) else None)  # otherwise every image is pooled and split by seed
+    return Source(names, signature, load=lambda: _decode_folder(cfg, cache_dir, names, signature, images_, parse),
+                  origins=origins, pool_origin=None if origins else f"folder {root}")
 
 
 def _decode_folder(cfg: Any, cache_dir: Path, names: list[str], signature: str, images_: list,
@@ -241,7 +267,8 @@ def cifar10_source(cfg: Any, cache_dir: Path) -> Source:
         return Source(names, signature, pool=pool, splits={"test": held})
 
     signature = f"cifar10:{root.resolve()}"
-    return Source(names, signature, load=load)
+    return Source(names, signature, load=load, origins={"test": f"CIFAR-10 test batch in {root}"},
+                  pool_origin=f"CIFAR-10 training batches in {root}", pool_name="the training batches")
 
 
 SOURCES: dict[str, Callable[[Any, Path], Source]] = {
@@ -286,6 +313,8 @@ class DataModule:
         self.class_names = self._source.class_names
         self._splits: dict[str, Labelled] | None = None
         key = {k: v for k, v in _plain(cfg).items() if k not in ("batch_size", "num_workers", "calibration")}
+        if isinstance(key.get("options"), dict):
+            key["options"] = {k: v for k, v in key["options"].items() if k not in UNFINGERPRINTED_OPTIONS}
         identity = json.dumps([self._source.signature, key], sort_keys=True)
         self.fingerprint = hashlib.sha256(identity.encode()).hexdigest()
         self.input_shape = [1, cfg.channels, cfg.image_size, cfg.image_size]
@@ -311,6 +340,42 @@ class DataModule:
                                          "use more images or larger data.split fractions")
             self._splits = splits
         return self._splits
+
+    def split_origins(self) -> dict[str, str]:
+        """Where each split came from, for the summary: e.g. {"train": "data.yaml train: images/train2017
+        (N images)", "val": ..., "test": "split from train by seed 0 (M images)"}."""
+        src, seed = self._source, self.cfg.split.seed
+        given = dict(src.origins or {})
+        pool = src.pool_origin or (f"data={self.cfg.name}" if not given or set(given) < set(SPLITS) else None)
+        counts = self._split_counts()
+        out = {}
+        for s in SPLITS:
+            n = f" ({counts[s]} images)" if counts and s in counts else ""
+            if s in given:
+                out[s] = given[s] + n
+            elif s == "train":
+                out[s] = f"{pool}, less what val/test took by seed {seed}{n}"
+            else:
+                out[s] = f"split from {src.pool_name or pool} by seed {seed}{n}"
+        return out
+
+    def _split_counts(self) -> dict[str, int] | None:
+        if self._splits is not None:
+            return {s: len(v.labels) for s, v in self._splits.items()}
+        sizes = self._source.sizes
+        if not sizes:
+            return None
+        counts = {s: n for s, n in sizes.items() if s in SPLITS}
+        if "pool" in sizes and not set(counts) >= set(SPLITS):
+            n = min(sizes["pool"], self.cfg.limit or sizes["pool"])
+            test = 0.0 if "test" in counts else self.cfg.split.test
+            try:  # the same arithmetic as the split itself (stratification does not change the sizes)
+                parts = _split_pool(Labelled(np.zeros((n, 1), np.uint8), np.zeros(n, np.int64)),
+                                    self.cfg.split.val, test, seed=0, stratify=False)
+            except ValueError:
+                return None
+            counts = {**{s: len(v.labels) for s, v in parts.items()}, **counts}
+        return counts
 
     @staticmethod
     def _limit(pool: Labelled, limit: int | None) -> Labelled:

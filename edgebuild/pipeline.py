@@ -319,6 +319,7 @@ class Builder:
                 if self.target.is_proxy:
                     summary["notes"].append(f"target device {cfg.target.device} is not on this machine: latency was "
                                             f"measured on the CPU as a proxy (latency/proxy_device)")
+                summary["data"] = self.data.split_origins()  # where each split came from
                 final = summary["stages"][-1]["metrics"]
                 summary["budget"] = budgets.check(final, [("recipe", cfg.budget), ("target", cfg.target.budget)])
                 # the final deployable's metrics on the parent too (the same keys as its stage run); then the

@@ -62,6 +62,8 @@ def markdown(summary: dict[str, Any]) -> str:
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
     out = [f"# edgebuild: {summary['recipe']}", "", f"target: {summary['target']}", "", md(*table_rows(summary)), ""]
+    if summary.get("data"):
+        out += ["## Data", "", md(["split", "from"], [[k, v] for k, v in summary["data"].items()]), ""]
     if summary["budget"]["checks"]:
         verdict = "met" if summary["budget"]["ok"] else "VIOLATED"
         out += [f"## Budget: {verdict}", "", md(*budget_rows(summary["budget"])), ""]
@@ -114,6 +116,8 @@ def print_summary(summary: dict[str, Any], path: Path) -> None:
         for r in profiled[1]:
             pt.add_row(*r)
         console.print(pt)
+    for split, origin in summary.get("data", {}).items():
+        console.print(f"data {split}: {origin}")
     for note in summary.get("notes", []):
         console.print(f"[yellow]note:[/yellow] {note}")
     console.print(f"summary: {path}")

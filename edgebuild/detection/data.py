@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from edgebuild.data import IMAGE_SUFFIXES, SPLITS, DataModule, Labelled, Source, _decode
+from edgebuild.data import IMAGE_SUFFIXES, SPLITS, DataModule, Labelled, Source, _decode, data_option
 from edgebuild.errors import EdgebuildError
 
 log = logging.getLogger(__name__)
@@ -155,62 +155,225 @@ def _root(cfg: Any, kind: str) -> Path:
     return root
 
 
-def _names_yaml(root: Path) -> list[str] | None:
-    """Class names from a YOLO dataset yaml in the root (`names:` as a list or an {id: name} map)."""
-    from omegaconf import OmegaConf
+YAML_SPLIT_KEYS = ("train", "val", "test")
+SHOWN = 5  # paths shown in a warning
 
-    for path in sorted(root.glob("*.yaml")) + sorted(root.glob("*.yml")):
-        names = OmegaConf.to_container(OmegaConf.load(path)).get("names")
-        if isinstance(names, dict):
-            return [str(names[i]) for i in sorted(names)]
-        if isinstance(names, list):
-            return [str(n) for n in names]
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, OSError) as e:
+        raise EdgebuildError(f"cannot read the dataset yaml {path}: {e}", "fix the yaml") from None
+    return spec if isinstance(spec, dict) else {}
+
+
+def _dataset_yaml(root: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The YOLO dataset yaml: data.root itself (a .yaml file), or in the root folder the first yaml that
+    names splits (data.yaml first), else the first with `names:`."""
+    if root.is_file():
+        return root, _load_yaml(root)
+    found = [(p, _load_yaml(p)) for p in sorted(root.glob("*.yaml")) + sorted(root.glob("*.yml"))]
+    found.sort(key=lambda f: f[0].name not in ("data.yaml", "data.yml"))
+    for want in (lambda d: any(d.get(k) for k in YAML_SPLIT_KEYS), lambda d: d.get("names") is not None):
+        for path, spec in found:
+            if want(spec):
+                return path, spec
     return None
 
 
+def _yaml_names(spec: dict[str, Any] | None) -> list[str] | None:
+    """Class names from a YOLO dataset yaml (`names:` as a list or an {id: name} map)."""
+    names = (spec or {}).get("names")
+    if isinstance(names, dict):
+        return [str(names[i]) for i in sorted(names)]
+    if isinstance(names, list):
+        return [str(n) for n in names]
+    return None
+
+
+def label_path(image: Path) -> Path:
+    """Ultralytics' rule: the last /images/ of the image's path becomes /labels/, the suffix .txt; an image
+    with no images/ folder in its path has its label file beside it."""
+    s = str(image)
+    sep = "/images/"
+    return Path("/labels/".join(s.rsplit(sep, 1)) if sep in s else s).with_suffix(".txt")
+
+
+def _read_label(label_file: Path, names: list[str], names_from: str) -> tuple[list, list]:
+    boxes, labels = [], []
+    for n, line in enumerate(label_file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{label_file}:{n}"
+        fields = line.split()
+        try:
+            cls, cx, cy, w, h = int(fields[0]), *map(float, fields[1:])
+        except (ValueError, TypeError):
+            raise EdgebuildError(f"{where}: expected 'class cx cy w h', got {line.strip()!r}",
+                                 "write one box per line: integer class id and 4 normalized numbers") from None
+        labels.append(_check_label(cls, len(names), where, names_from))
+        boxes.append(_check_box([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], where))
+    return boxes, labels
+
+
+def _shown(paths: list[Path]) -> str:
+    more = f", ... ({len(paths) - SHOWN} more)" if len(paths) > SHOWN else ""
+    return ", ".join(str(p) for p in paths[:SHOWN]) + more
+
+
+def _stray_labels(cfg: Any, strays: list[Path], looked_for: Callable[[Path], str]) -> None:
+    """Label files without an image: a warning (real exports have them), an error with data.options.strict."""
+    if not strays:
+        return
+    if data_option(cfg, "strict"):
+        raise EdgebuildError(f"label file {strays[0]} has no image (looked for {looked_for(strays[0])}); "
+                             f"{len(strays)} label file(s) without an image: {_shown(strays)}",
+                             "add the images or remove the label files, or unset data.options.strict to warn "
+                             "and go on")
+    log.warning("yolo: %d label file(s) have no image and are ignored (data.options.strict=true makes this an "
+                "error): %s", len(strays), _shown(strays))
+
+
+def _yolo_records(images: list[tuple[str, Path, Path]], names: list[str], names_from: str) -> list[Record]:
+    """(split, image, label file) -> checked records; images without a label file are background only."""
+    records, unlabelled = [], []
+    for split, image, label_file in images:
+        found = label_file.is_file()
+        if not found:
+            unlabelled.append(image)
+        boxes, labels = _read_label(label_file, names, names_from) if found else ([], [])
+        records.append(Record(split, image, *_arrays(boxes, labels)))
+    if unlabelled:
+        log.warning("yolo: %d of %d images have no label file and are used as background-only images: %s",
+                    len(unlabelled), len(images), _shown(unlabelled))
+    return records
+
+
 def yolo_source(cfg: Any, cache_dir: Path) -> Source:
-    """ROOT/images/[SPLIT/]NAME.jpg with ROOT/labels/[SPLIT/]NAME.txt: one `class cx cy w h` line per box,
-    normalized to 0..1. Class names: data.options.names, a yaml in ROOT with `names:`, or class0.. up
-    to data.num_classes. An image without a label file holds no objects (background only)."""
-    root = _root(cfg, "yolo")
+    """A YOLO dataset. With a dataset yaml (data.root=FILE.yaml, or a yaml in data.root) that names splits
+    (`path:`, `train:`, `val:`, `test:`; each a folder, a list of folders or a .txt of image paths), the yaml's
+    splits are used, label files found the Ultralytics way (`label_path`). Otherwise ROOT/images/[SPLIT/]NAME.jpg
+    with ROOT/labels/[SPLIT/]NAME.txt. One `class cx cy w h` line per box, normalized to 0..1. Class names:
+    data.options.names, the yaml's `names:`, or class0.. up to data.num_classes. An image without a label
+    file holds no objects (background only); a label file without an image is warned about and ignored
+    (an error with data.options.strict=true)."""
+    if not cfg.root:
+        raise EdgebuildError("data=yolo needs a folder", "set data.root=/path/to/yolo-dataset (or its data.yaml)")
+    given_root = Path(cfg.root).expanduser()
+    root = given_root if given_root.is_file() and given_root.suffix in (".yaml", ".yml") else _root(cfg, "yolo")
+    found = _dataset_yaml(root)
+    spec = found[1] if found else None
+    given, in_yaml = cfg.options.get("names"), _yaml_names(spec)
+    names = list(given or in_yaml or [f"class{i}" for i in range(cfg.num_classes)])
+    names_from = "data.options.names" if given else "the dataset yaml" if in_yaml else "data.num_classes"
+    if found and any(spec.get(k) for k in YAML_SPLIT_KEYS):
+        return _yolo_yaml_source(cfg, cache_dir, found[0], spec, names, names_from)
+    if root.is_file():
+        raise EdgebuildError(f"{root} names no split (train:, val:, test:)",
+                             "add `train: images/train` (and val:, test:) to the yaml, or set data.root to the "
+                             "dataset folder")
     images_dir, labels_dir = root / "images", root / "labels"
     if not images_dir.is_dir():
         raise EdgebuildError(f"no images/ folder in {root}",
-                             "use the YOLO layout ROOT/images/[train/]x.jpg + ROOT/labels/[train/]x.txt")
-    given, in_yaml = cfg.options.get("names"), _names_yaml(root)
-    names = list(given or in_yaml or [f"class{i}" for i in range(cfg.num_classes)])
-    names_from = "data.options.names" if given else "the dataset yaml" if in_yaml else "data.num_classes"
+                             "use the YOLO layout ROOT/images/[train/]x.jpg + ROOT/labels/[train/]x.txt, or a "
+                             "data.yaml with train:/val: paths")
     images = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     stems = {p.relative_to(images_dir).with_suffix("") for p in images}
-    orphans = [p for p in labels_dir.rglob("*.txt") if p.relative_to(labels_dir).with_suffix("") not in stems] \
+    strays = sorted(p for p in labels_dir.rglob("*.txt") if p.relative_to(labels_dir).with_suffix("") not in stems) \
         if labels_dir.is_dir() else []
-    if orphans:
-        wanted = images_dir / orphans[0].relative_to(labels_dir).with_suffix(".*")
-        raise EdgebuildError(f"label file {orphans[0]} has no image (looked for {wanted})",
-                             "add the image or remove the label file")
-    records, background = [], 0
-    for image in images:
-        rel = image.relative_to(images_dir)
-        label_file = (labels_dir / rel).with_suffix(".txt")
-        boxes, labels = [], []
-        lines = label_file.read_text().splitlines() if label_file.exists() else []
-        background += not label_file.exists()
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{label_file}:{n}"
-            fields = line.split()
-            try:
-                cls, cx, cy, w, h = int(fields[0]), *map(float, fields[1:])
-            except (ValueError, TypeError):
-                raise EdgebuildError(f"{where}: expected 'class cx cy w h', got {line.strip()!r}",
-                                     "write one box per line: integer class id and 4 normalized numbers") from None
-            labels.append(_check_label(cls, len(names), where, names_from))
-            boxes.append(_check_box([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], where))
-        records.append(Record(_split_of(rel), image, *_arrays(boxes, labels)))
-    if background:
-        log.info("yolo: %d of %d images have no label file: used as background-only images", background, len(images))
-    return _annotated_source(cfg, cache_dir, names, records, [root / "images", root / "labels"])
+    _stray_labels(cfg, strays, lambda p: str(images_dir / p.relative_to(labels_dir).with_suffix(".*")))
+    records = _yolo_records([(_split_of(p.relative_to(images_dir)), p,
+                              (labels_dir / p.relative_to(images_dir)).with_suffix(".txt")) for p in images],
+                            names, names_from)
+    origin = {s: f"folder {images_dir / s}" for s in SPLITS}
+    origin["all"] = f"folder {images_dir} (images outside train/val/test folders)"
+    return _annotated_source(cfg, cache_dir, names, records, [root / "images", root / "labels"], origin)
+
+
+def _yolo_yaml_source(cfg: Any, cache_dir: Path, yaml_path: Path, spec: dict[str, Any], names: list[str],
+                      names_from: str) -> Source:
+    """The splits a dataset yaml names, as given (no pooling): see `yolo_source`."""
+    base_given = spec.get("path")
+    base = yaml_path.parent if not base_given else Path(str(base_given)).expanduser()
+    base = base if base.is_absolute() else yaml_path.parent / base
+    if not base.is_dir():
+        raise EdgebuildError(f"{yaml_path}: path: {base_given} does not exist (looked for {base})",
+                             "fix `path:` in the yaml (absolute, or relative to the yaml's folder), or remove it "
+                             "to use the yaml's folder")
+    if not spec.get("train"):
+        raise EdgebuildError(f"{yaml_path} names no train: split", "add `train: images/train` to the yaml")
+    entries: list[tuple[str, Path, Path]] = []
+    watched, lists, label_dirs, label_trees = [yaml_path], set(), set(), set()
+    origin, seen = {}, {}
+    for key in YAML_SPLIT_KEYS:
+        value = spec.get(key)
+        if not value:
+            continue
+        images = []
+        for entry in value if isinstance(value, list) else [value]:
+            path = Path(str(entry)).expanduser()
+            path = path if path.is_absolute() else base / path
+            if not path.exists():
+                raise EdgebuildError(f"{yaml_path}: {key}: {entry} does not exist (looked for {path})",
+                                     f"fix `{key}:` in the yaml (a folder of images, a list of folders or a .txt "
+                                     f"of image paths, relative to path: {base}), or remove it")
+            if path.is_dir():
+                found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+                label_trees.add(label_path(path / "x").parent)
+            elif path.suffix == ".txt":
+                found = _image_list(path, base)
+                lists.add(path)
+                label_dirs |= {label_path(p).parent for p in found}
+            else:
+                raise EdgebuildError(f"{yaml_path}: {key}: {entry} is neither a folder nor a .txt list of images",
+                                     f"point `{key}:` to a folder of images, a list of them, or a .txt of paths")
+            if not found:
+                raise EdgebuildError(f"{yaml_path}: {key}: {entry} holds no images (looked in {path})",
+                                     f"put the {key} images there, or fix `{key}:` in the yaml")
+            images += found
+            watched.append(path)
+        shown = value if not isinstance(value, list) else "[" + ", ".join(map(str, value)) + "]"
+        origin[key] = f"{yaml_path.name} {key}: {shown}"
+        for other, had in seen.items():
+            shared = len(had & set(images))
+            if shared:
+                log.warning("%s: %s: and %s: share %d image(s): the %s numbers measure images the model %s",
+                            yaml_path, other, key, shared, key, "trained on" if other == "train" else "also sees")
+                origin[key] += f" (shares {shared} images with {other})"
+        seen[key] = set(images)
+        entries += [(key, p, label_path(p)) for p in images]
+    wanted = {e[2] for e in entries}
+    labels_found = {p for d in label_trees if d.is_dir() for p in d.rglob("*.txt")}
+    labels_found |= {p for d in label_dirs if d.is_dir() for p in d.glob("*.txt")}
+    strays = sorted(p for p in labels_found if p not in wanted and p not in lists and p.name != "classes.txt")
+    _stray_labels(cfg, strays, _image_for)
+    records = _yolo_records(entries, names, names_from)
+    watched += sorted(label_trees | label_dirs)
+    return _annotated_source(cfg, cache_dir, names, records, watched, origin, from_yaml=True)
+
+
+def _image_for(label: Path) -> str:
+    """Where the image of a label file would be (the inverse of `label_path`), for messages."""
+    s, sep = str(label), "/labels/"
+    return str(Path("/images/".join(s.rsplit(sep, 1)) if sep in s else s).with_suffix(".*"))
+
+
+def _image_list(path: Path, base: Path) -> list[Path]:
+    """A .txt of image paths, one a line, relative to the yaml's `path:` (or to the list's folder), or absolute."""
+    images = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        p = Path(line.strip()).expanduser()
+        candidates = [p] if p.is_absolute() else [base / p, path.parent / p]
+        hit = next((c for c in candidates if c.is_file()), None)
+        if hit is None:
+            raise EdgebuildError(f"{path}:{n} names image {line.strip()}, which does not exist "
+                                 f"(looked for {candidates[0]})", "add the image or remove the line")
+        images.append(hit)
+    return images
 
 
 def _per_split(value: Any) -> dict[str, Any]:
@@ -293,7 +456,7 @@ def voc_source(cfg: Any, cache_dir: Path) -> Source:
     found = {o.findtext("name", "").strip() for _, t in parsed for o in t.iter("object")}
     names = list(given) if given else sorted(found)
     index = {n: i for i, n in enumerate(names)}
-    keep_difficult = bool(cfg.options.get("keep_difficult", False))
+    keep_difficult = data_option(cfg, "keep_difficult")
     records = []
     for x, tree in parsed:
         file = root / "JPEGImages" / tree.findtext("filename", "").strip()
@@ -322,10 +485,27 @@ def _arrays(boxes: list, labels: list) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64)
 
 
+def _plan(present: list[str], from_yaml: bool) -> tuple[dict[str, str], list[str]]:
+    """Which record splits serve which split: ({split: record split} given as is, [record splits pooled and
+    split by seed]). A dataset yaml's splits are kept (no test: the val images serve as test too; only train:
+    val and test are split from it). Folders: given train/val/test are kept, a missing test split is taken
+    from val, whatever is not held out is pooled."""
+    given = {s: s for s in SPLITS if s in present}
+    if from_yaml and "val" in given and "test" not in given:
+        given["test"] = "val"
+    if set(given) >= set(SPLITS):
+        return given, []
+    if from_yaml:
+        return {s: r for s, r in given.items() if s == "test"}, ["train"]
+    held = "test" if "test" in given else "val" if "val" in given else None
+    pool = [s for s in present if s not in ("test", "val") or (s == "val" and held == "test")]
+    return ({"test": held} if held else {}), pool
+
+
 def _annotated_source(cfg: Any, cache_dir: Path, names: list[str], records: list[Record],
-                      watched: list[Path]) -> Source:
-    """Checked records -> a lazily decoded Source; given train/val/test folders are kept, a missing
-    test split is taken from val, whatever is not held out is split by seed."""
+                      watched: list[Path], origin: dict[str, str] | None = None, from_yaml: bool = False) -> Source:
+    """Checked records -> a lazily decoded Source, split as `_plan` says; `origin` describes each record
+    split for the summary."""
     if not records:
         raise EdgebuildError(f"no images found under {cfg.root}", f"see the data={cfg.name} layout in the README")
     sig = hashlib.sha256()
@@ -336,10 +516,21 @@ def _annotated_source(cfg: Any, cache_dir: Path, names: list[str], records: list
     for r in records:
         sig.update(f"{r.split}:{r.image}:{r.image.stat().st_size}:{int(r.image.stat().st_mtime)}\n".encode())
     signature = f"{cfg.name}:{sig.hexdigest()}"
-    return Source(names, signature, load=lambda: _decode_records(cfg, cache_dir, names, signature, records))
+    present = list(dict.fromkeys(r.split for r in records))
+    given, pool = _plan(present, from_yaml)
+    counts = {s: sum(r.split == s for r in records) for s in present}
+    origin = origin or {}
+    describe = lambda s: origin.get(s, "the annotations" if s == "all" else f"the {s} annotations")  # noqa: E731
+    return Source(names, signature, load=lambda: _decode_records(cfg, cache_dir, names, signature, records, from_yaml),
+                  origins={s: describe(r) + (" (no test: in the yaml: val serves as test)" if from_yaml and s != r
+                                             else "") for s, r in given.items()},
+                  pool_origin=", ".join(describe(s) for s in pool) if pool else None,
+                  pool_name="train" if pool == ["train"] else None,
+                  sizes={**{s: counts[r] for s, r in given.items()}, "pool": sum(counts[s] for s in pool)})
 
 
-def _decode_records(cfg: Any, cache_dir: Path, names: list[str], signature: str, records: list[Record]) -> Source:
+def _decode_records(cfg: Any, cache_dir: Path, names: list[str], signature: str, records: list[Record],
+                    from_yaml: bool = False) -> Source:
     from PIL import Image
 
     size, channels = cfg.image_size, cfg.channels
@@ -361,15 +552,16 @@ def _decode_records(cfg: Any, cache_dir: Path, names: list[str], signature: str,
     for i, r in enumerate(records):
         by_split.setdefault(r.split, []).append(i)
     part = lambda idx: Labelled(images[idx], _targets([targets[i] for i in idx]))  # noqa: E731
-    given = {s: part(i) for s, i in by_split.items() if s in SPLITS}
-    if set(given) >= set(SPLITS):
-        return Source(names, signature, splits=given)
-    held = given.get("test") or given.get("val")
-    pool_idx = [i for s, idx in by_split.items() if s not in ("test", "val") or (s == "val" and "test" in given)
-                for i in idx] if held is not None else list(range(len(records)))
+    given, pool = _plan(list(by_split), from_yaml)
+    splits = {s: part(by_split[r]) for s, r in given.items()}
+    if set(splits) >= set(SPLITS):
+        return Source(names, signature, splits=splits)
+    # the pool's order decides the seeded split: nothing held out -> file order, else split by split
+    pool_idx = ([i for s, idx in by_split.items() if s in pool for i in idx] if splits
+                else [i for i, r in enumerate(records) if r.split in pool])
     if not pool_idx:
         raise EdgebuildError(f"{cfg.root}: only held-out images, nothing to train on", "add a train split")
-    return Source(names, signature, pool=part(pool_idx), splits={"test": held} if held is not None else None)
+    return Source(names, signature, pool=part(pool_idx), splits=splits or None)
 
 
 SOURCES: dict[str, Callable[[Any, Path], Source]] = {
