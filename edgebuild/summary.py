@@ -77,6 +77,8 @@ def markdown(summary: dict[str, Any]) -> str:
 
 def final_profile(summary: dict[str, Any], top: int = 10) -> tuple[list[str], list[list[str]]] | None:
     """The final stage's profile table, when the build profiled (eval.profile.enabled=true)."""
+    if not summary.get("stages"):
+        return None
     path = Path(summary.get("run_dir", ".")) / "profile" / f"{summary['stages'][-1]['name']}.json"
     if not path.exists():
         return None
