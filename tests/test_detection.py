@@ -122,9 +122,15 @@ def test_deployable_runs_without_edgebuild(built):
 @pytest.mark.parametrize("scale", [1.0, 4.0])
 def test_numpy_postprocess_equals_torchvision(built, scale):
     """The shipped decode + NMS against torchvision's SSD.postprocess_detections on the same raw outputs:
-    the trained model's (scale 1) and sharpened ones with many overlapping candidates (scale 4)."""
+    the trained model's (scale 1) and sharpened ones with many overlapping candidates (scale 4), whose
+    saturated softmax ties many anchors. Both must be the same NMS outcome up to the order of equal scores
+    (torchvision's is unspecified; see postprocess.py), judged on torchvision's own decoded candidates; where
+    no tie decides, they must be identical."""
     from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
     from torchvision.models.detection.ssd import SSD
+    from torchvision.ops import boxes as box_ops
+
+    from tests.conftest import nms_violations
 
     tmp, overrides, s = built
     _, dm = task_and_data(tmp, overrides)
@@ -139,11 +145,28 @@ def test_numpy_postprocess_equals_torchvision(built, scale):
     total = 0
     for i, e in enumerate(expected):
         got = pp.postprocess(reg[i].numpy(), logits[i].numpy(), anchors[i].numpy(), image_size=(96, 96))
-        assert got["labels"].tolist() == (e["labels"] - 1).tolist()
-        np.testing.assert_allclose(got["scores"], e["scores"].numpy(), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(got["boxes"], e["boxes"].numpy(), rtol=1e-4, atol=1e-3)
+        boxes = box_ops.clip_boxes_to_image(tv.box_coder.decode_single(reg[i], anchors[i]), (96, 96)).numpy()
+        scores = torch.nn.functional.softmax(logits[i], dim=-1).numpy()
+        e = {"boxes": e["boxes"].numpy(), "scores": e["scores"].numpy(), "labels": (e["labels"] - 1).numpy()}
+        assert nms_violations(e, boxes, scores) == []  # the check accepts torchvision's own answer
+        assert nms_violations(got, boxes, scores) == [], f"image {i}"
+        same = got["labels"].tolist() == e["labels"].tolist() and np.allclose(got["scores"], e["scores"], 1e-5, 1e-6) \
+            and np.allclose(got["boxes"], e["boxes"], 1e-4, 1e-3)
+        if not same:  # a tie decided: some kept box has an overlapping candidate of the same label and score
+            assert _tie_decides(got, boxes, scores), f"image {i}: differs from torchvision with no tie to explain it"
         total += len(got["labels"])
     assert total > 8
+
+
+def _tie_decides(det, boxes, scores, tol=1e-5, iou=0.45):
+    from tests.conftest import _iou
+
+    for box, score, label in zip(det["boxes"], det["scores"], det["labels"], strict=True):
+        s = scores[:, label + 1]
+        tied = np.flatnonzero(np.abs(s - score) <= 1e-6 + tol * score)
+        if (_iou(box, boxes[tied]) > iou - 1e-4).sum() > 1:  # itself and another
+            return True
+    return False
 
 
 def test_detector_with_classification_task_and_the_reverse_fail_cleanly(tmp_path):

@@ -14,6 +14,13 @@ and its model.json holds the postprocessing settings (keys `deploy_*`). For one 
 Step for step this is torchvision's `SSD.postprocess_detections` (edgebuild's tests check that both
 give the same detections on the same raw outputs): decode, clip to the image, softmax, per class keep
 scores above the threshold and the top-k, class-wise NMS, keep the best `detections_per_image`.
+
+Ties. Scores tie often: a confident model's softmax saturates (float32 1.0 for every anchor on an object), and
+then which of the overlapping equal-score anchors NMS keeps decides the box. torchvision leaves that order
+unspecified (`Tensor.topk` and the unstable `scores.sort` in its nms kernel; it differs with the data and the
+sort's path), so "the same as torchvision" means the same greedy NMS outcome up to the order of equal scores.
+This file fixes its own order, on every machine: among equal scores the lower anchor index comes first (in the
+top-k cut, in NMS and in the `detections_per_image` cut), and across classes the lower class.
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
     """Greedy NMS: indices of the kept boxes, highest score first (a box overlapping a kept one by
-    IoU > iou_threshold is dropped), as torchvision.ops.nms."""
+    IoU > iou_threshold is dropped), as torchvision.ops.nms; equal scores in index order (stable sort)."""
     order = np.argsort(-scores, kind="stable")
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     keep = []

@@ -34,8 +34,7 @@ class FP16(Stage):
                                  "use an OpenVINO target (target=cpu, gpu, vpu) or remove the fp16 stage")
 
     def run(self, ctx: Any) -> StageResult:
-        import openvino as ov
-
+        from edgebuild.convert import save_ir
         from edgebuild.stages.quantize import _already_int8, is_quantized_openvino, openvino_model
 
         scratch = ctx.workdir / ".source"
@@ -48,7 +47,7 @@ class FP16(Stage):
             import nncf
 
             model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
-        ov.save_model(model, str(ctx.workdir / IR_FILE), compress_to_fp16=self.weights == "fp16")
+        save_ir(model, ctx.workdir / IR_FILE, compress_to_fp16=self.weights == "fp16")
         meta = {**ctx.input.meta, "formats": ["openvino"], "precision": f"{self.weights} weights",
                 "deploy_weights_precision": self.weights}
         notes = [f"{self.weights} weights on {ctx.target.device}: the gain is file size, not speed (the float "

@@ -43,6 +43,8 @@ class QAT(FitConfig, Stage):
         import openvino as ov
         import torch
 
+        from edgebuild.convert import save_ir
+
         # the first use compiles NNCF's C++ extension: minutes on a busy 2-core machine, beyond NNCF's
         # 60 s default; wait for it rather than fail (a user's own setting wins)
         os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")
@@ -57,7 +59,7 @@ class QAT(FitConfig, Stage):
         quantized, metrics = fit(quantized, ctx, self, name="qat")
         example = torch.zeros([1, *list(source.meta["input_shape"])[1:]])
         ir = ov.convert_model(quantized.eval(), example_input=example)
-        ov.save_model(ir, str(ctx.workdir / IR_FILE), compress_to_fp16=False)
+        save_ir(ir, ctx.workdir / IR_FILE)
         meta = {**source.meta, "formats": ["openvino"], "precision": "int8",
                 "deploy_quantization": {"method": "qat", "preset": self.preset, "epochs": self.epochs}}
         artifact = Artifact("openvino", ctx.workdir, [IR_FILE, "model.bin"], meta)

@@ -112,10 +112,12 @@ class Quantize(Stage):
         import openvino as ov
         from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
 
+        from edgebuild.convert import save_ir
+
         model = openvino_model(ctx, scratch)
         if is_quantized_openvino(model):
             raise _already_int8(ctx.input)
-        ov.save_model(model, str(scratch / IR_FILE), compress_to_fp16=False)
+        save_ir(model, scratch / IR_FILE)
         float_model = Artifact("openvino", scratch, [IR_FILE, "model.bin"], ctx.input.meta)
         names = [op.get_friendly_name() for op in model.get_ops()]
         ignored = self._ignored(names)
@@ -141,7 +143,7 @@ class Quantize(Stage):
                 validate(core.compile_model(quantized, "CPU"), validation)
             steps.append({"name": "accuracy_control", "params": {"max_drop": self.max_drop, "split": "val"},
                           "metrics": {"val/float": before, "val/int8": after, "val/drop": (before - after) * 100}})
-        ov.save_model(quantized, str(ctx.workdir / IR_FILE), compress_to_fp16=False)
+        save_ir(quantized, ctx.workdir / IR_FILE)
         artifact = Artifact("openvino", ctx.workdir, [IR_FILE, "model.bin"], self._meta(ctx.input, "openvino"))
         return artifact, float_model, steps
 
