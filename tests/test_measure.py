@@ -51,3 +51,16 @@ def test_per_layer_macs_follow_the_textbook():
     per_layer = {name: macs for name, (_, macs) in layer_macs(separable, [1, 3, 10, 10]).items()}
     assert per_layer == {"0": 1_728, "1": 24_576, "3": 81_920}
     assert sum(per_layer.values()) == count_macs(separable, [1, 3, 10, 10])[0]
+
+
+def test_accuracy_comparison_accepts_only_flips_within_a_tie():
+    import numpy as np
+
+    from tests.conftest import assert_accuracy_matches
+
+    logits = np.array([[2.0, 1.0], [1.0, 1.0000001], [0.0, 3.0], [5.0, 0.0]])  # row 1: a tie within rounding
+    labels = np.array([0, 0, 1, 1])  # argmax right, wrong (tie), right, wrong: 2 / 4
+    assert_accuracy_matches(logits, labels, 0.5)
+    assert_accuracy_matches(logits, labels, 0.75)  # the tied row counted the other way by another runtime
+    with pytest.raises(AssertionError, match="only 1 rows"):
+        assert_accuracy_matches(logits, labels, 1.0)  # a row with a clear margin cannot flip

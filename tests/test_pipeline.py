@@ -13,6 +13,7 @@ from edgebuild.artifact import Artifact
 from edgebuild.errors import BudgetExceeded
 from edgebuild.stages.export import Export
 from edgebuild.stages.train import Train
+from tests.conftest import assert_accuracy_matches
 
 NEED = ["acc/top1", "macs", "params", "size/bytes", "size/zip_bytes", "latency/p50_ms", "latency/p90_ms",
         "throughput/fps", "runtime/precision", "int8/ops_fraction"]
@@ -69,8 +70,8 @@ def test_deployable_runs_without_edgebuild_and_matches_summary(built):
         np.array(spec["preprocess"]["std"]).reshape(1, -1, 1, 1)
     compiled = ov.Core().compile_model(str(deploy / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     logits = compiled(x.astype(np.float32))[0]
-    acc = float((logits.argmax(1) == raw.labels).mean())
-    assert acc == pytest.approx(s["stages"][-1]["metrics"]["acc/top1"], abs=1e-9)
+    # the same IR at another batch size: equal up to rows whose top-2 logits tie within rounding
+    assert_accuracy_matches(logits, raw.labels, s["stages"][-1]["metrics"]["acc/top1"])
 
 
 def test_openvino_accuracy_equals_torch_accuracy(built):
@@ -81,12 +82,13 @@ def test_openvino_accuracy_equals_torch_accuracy(built):
     model = Artifact.from_json(json.loads((Path(train["artifact"]).parent / "result.json").read_text())["artifact"],
                                relative_to=Path(train["artifact"]).parent).load_torch()
     dm = DataModule(testing.compose(testing.shrink(tmp) + ["data=synthetic"]).data, tmp / "cache")
-    correct = total = 0
+    logits, labels = [], []
     with torch.no_grad():
         for x, y in dm.batches("test", 64):
-            correct += int((model(torch.from_numpy(x)).argmax(1).numpy() == y).sum())
-            total += len(y)
-    assert abs(correct / total - train["metrics"]["acc/top1"]) * 100 <= 0.5
+            logits.append(model(torch.from_numpy(x)).numpy())
+            labels.append(y)
+    # torch and OpenVINO round differently: only rows whose top-2 logits tie within that may count differently
+    assert_accuracy_matches(np.concatenate(logits), np.concatenate(labels), train["metrics"]["acc/top1"])
 
 
 def test_mlflow_parent_and_nested_runs(built):
