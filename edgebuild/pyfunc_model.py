@@ -15,6 +15,7 @@ Only edgebuild/tracking.py logs it; no edgebuild module imports this file.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ import numpy as np
 from mlflow.models import set_model
 
 HINTS = {"f32": "f32", "fp32": "f32", "bf16": "bf16", "f16": "f16", "fp16": "f16"}
+# the tensor signature logged with the model validates the input; MLflow's type-hint validation does not apply
+warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
 
 
 class Deployable(mlflow.pyfunc.PythonModel):
