@@ -15,7 +15,6 @@ Only edgebuild/tracking.py logs it; no edgebuild module imports this file.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,6 @@ import numpy as np
 from mlflow.models import set_model
 
 HINTS = {"f32": "f32", "fp32": "f32", "bf16": "bf16", "f16": "f16", "fp16": "f16"}
-# the tensor signature logged with the model validates the input; MLflow's type-hint validation does not apply
-warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
 
 
 class Deployable(mlflow.pyfunc.PythonModel):
@@ -61,7 +58,8 @@ class Deployable(mlflow.pyfunc.PythonModel):
             self._compiled[batch] = self.core.compile_model(model, device, config)
         return self._compiled[batch]
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 (MLflow reads type hints)
+    # np.ndarray: a hint MLflow infers no schema from (the logged tensor signature validates the input)
+    def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> Any:
         if isinstance(model_input, dict):  # the signature names the input: MLflow passes {"input": x}
             (model_input,) = model_input.values()
         x = np.ascontiguousarray(model_input, dtype=np.float32)

@@ -204,7 +204,7 @@ class Tracker:
         import warnings
 
         with warnings.catch_warnings():  # the signature states input dtype and shape; no example needed
-            warnings.filterwarnings("ignore", message=".*(input example was not provided|type hints).*")
+            warnings.filterwarnings("ignore", message=".*input example was not provided.*")
             info = Model.log(artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=self.parent_id,
                              python_model=str(PYFUNC_CODE), artifacts={"deploy": str(deploy_dir)},
                              signature=signature,
