@@ -58,7 +58,8 @@ class Deployable(mlflow.pyfunc.PythonModel):
             self._compiled[batch] = self.core.compile_model(model, device, config)
         return self._compiled[batch]
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 (MLflow reads type hints)
+    # np.ndarray: a hint MLflow infers no schema from (the logged tensor signature validates the input)
+    def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> Any:
         if isinstance(model_input, dict):  # the signature names the input: MLflow passes {"input": x}
             (model_input,) = model_input.values()
         x = np.ascontiguousarray(model_input, dtype=np.float32)

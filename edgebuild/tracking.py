@@ -201,10 +201,16 @@ class Tracker:
         register = self.cfg.get("register") or None
         tags = {"recipe": spec.get("recipe"), "stage": spec.get("stage"), "format": spec["format"],
                 "precision": spec.get("precision"), "data_fingerprint": (dataset or {}).get("fingerprint")}
-        info = Model.log(artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=self.parent_id,
-                         python_model=str(PYFUNC_CODE), artifacts={"deploy": str(deploy_dir)}, signature=signature,
-                         pip_requirements=_requirements(runtime), registered_model_name=register,
-                         tags={k: str(v) for k, v in tags.items() if v is not None}, model_type="edgebuild-deployable")
+        import warnings
+
+        with warnings.catch_warnings():  # the signature states input dtype and shape; no example needed
+            warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+            info = Model.log(artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=self.parent_id,
+                             python_model=str(PYFUNC_CODE), artifacts={"deploy": str(deploy_dir)},
+                             signature=signature,
+                             pip_requirements=_requirements(runtime), registered_model_name=register,
+                             tags={k: str(v) for k, v in tags.items() if v is not None},
+                             model_type="edgebuild-deployable")
         return info.model_uri
 
 
