@@ -75,6 +75,13 @@ def check_config(cfg: Any) -> None:
     if split.val + split.test >= 1:
         raise EdgebuildError(f"data.split.val + data.split.test = {split.val + split.test:g} leaves no training data",
                              "keep their sum below 1, e.g. data.split.val=0.15 data.split.test=0.2")
+    data = cfg.data
+    pad = max(1, data.image_size // 8) if data.augment_pad is None else data.augment_pad
+    if data.augment and cfg.task.name == "classification" and pad >= data.image_size:
+        raise EdgebuildError(f"data.augment with a {pad}-pixel crop padding does not fit {data.image_size}x"
+                             f"{data.image_size} images: reflect padding must be smaller than the image",
+                             f"set data.augment_pad below {data.image_size} (default image_size // 8), "
+                             "data.augment_pad=0 for flips only, or data.augment=false")
 
 
 def _is_list_node(value: Any) -> bool:
@@ -131,7 +138,9 @@ class DataConf:
     calibration: CalibrationConf = field(default_factory=CalibrationConf)
     batch_size: int = bounded(64, ge=1)
     num_workers: int = bounded(0, ge=0)
-    augment: bool = False
+    augment: bool = False  # training batches: random pad-crop + horizontal flip, per image, on tensors
+    augment_pad: int | None = bounded(None, ge=0)  # crop padding in pixels; null = image_size // 8; 0 = no crop
+    augment_flip: bool = True  # horizontal flip (switch off for data where mirroring changes the class)
     limit: int | None = bounded(None, ge=1)  # use at most this many images (quick runs)
     num_samples: int = bounded(600, ge=1)  # generated datasets
     num_classes: int = bounded(10, ge=2)  # generated datasets
@@ -210,7 +219,7 @@ class TrainerConf:
     strategy: str = "auto"
     precision: str = "32-true"
     deterministic: bool = True
-    enable_progress_bar: bool = False
+    enable_progress_bar: bool | None = None  # null: a progress bar with images/s when stderr is a terminal
     enable_model_summary: bool = False
     log_every_n_steps: int = bounded(10, ge=1)
     limit_train_batches: Any | None = bounded(None, gt=0)  # int: batches, float: fraction

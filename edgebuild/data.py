@@ -407,12 +407,23 @@ class DataModule:
     def dataset(self, split: str, train: bool = False) -> Any:
         return _TensorImages(self, self.splits[split], augment=train and self.cfg.augment)
 
+    def augmentation(self) -> tuple[int, bool]:
+        """(crop padding in pixels, horizontal flip) of training batches; padding 0 = no crop."""
+        pad = self.cfg.augment_pad
+        return (max(1, self.cfg.image_size // 8) if pad is None else int(pad)), bool(self.cfg.augment_flip)
+
     def loader(self, split: str, train: bool = False, batch_size: int | None = None) -> Any:
         import torch
-        from torch.utils.data import DataLoader
+        from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
         g = torch.Generator().manual_seed(self.cfg.split.seed)
-        return DataLoader(self.dataset(split, train), batch_size=batch_size or self.cfg.batch_size, shuffle=train,
+        bs = batch_size or self.cfg.batch_size
+        if self.collate is None:  # images + class ids: whole batches sliced from one preloaded tensor
+            ds = _TensorBatches(self, self.splits[split], self.augmentation() if train and self.cfg.augment else None)
+            sampler = RandomSampler(ds, generator=g) if train else SequentialSampler(ds)
+            return DataLoader(ds, batch_size=None, sampler=BatchSampler(sampler, bs, drop_last=False),
+                              num_workers=self.cfg.num_workers)
+        return DataLoader(self.dataset(split, train), batch_size=bs, shuffle=train,
                           generator=g if train else None, num_workers=self.cfg.num_workers, drop_last=False,
                           collate_fn=self.collate)
 
@@ -465,6 +476,52 @@ def for_input(dm: Any, input_shape: list[int] | None) -> Any:
         raise EdgebuildError(f"the model takes input {list(input_shape)}; the data serves {dm.input_shape}",
                              "only square resolution changes with the data's channel count are supported")
     return dm.resized(h)
+
+
+def augment_batch(x: Any, pad: int, flip: bool, generator: Any = None) -> Any:
+    """CIFAR-style augmentation of a float batch [B,C,H,W] on tensors, each image its own draw: a random
+    crop of the `pad`-pixel reflect-padded image and a horizontal flip with probability 1/2."""
+    import torch
+    import torch.nn.functional as F
+
+    b, c, h, w = x.shape
+    if flip:
+        m = torch.rand(b, generator=generator) < 0.5
+        x = torch.where(m[:, None, None, None], x.flip(3), x)
+    if pad > 0:
+        p = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+        dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+        rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(b, c, h, w + 2 * pad)
+        p = p.gather(2, rows)
+        cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(b, c, h, w)
+        x = p.gather(3, cols)
+    return x.contiguous()
+
+
+class _TensorBatches:
+    """A split as one uint8 tensor; `ds[indices]` is a normalized (and augmented) float batch. Served
+    through a BatchSampler, so per-sample Python work and collation disappear from the training step."""
+
+    def __init__(self, dm: DataModule, data: Labelled, augment: tuple[int, bool] | None):
+        import torch
+
+        self.x, self.y = torch.from_numpy(data.images), torch.from_numpy(data.labels)
+        mean, std = dm._mean_std
+        self.mean, self.std = torch.from_numpy(mean), torch.from_numpy(std)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, idx: Any) -> tuple[Any, Any]:
+        import torch
+
+        idx = torch.as_tensor(idx)
+        x = self.x[idx].float().div_(255.0).sub_(self.mean).div_(self.std)
+        if self.augment is not None:
+            x = augment_batch(x, *self.augment)
+        return x, self.y[idx]
 
 
 class _TensorImages:

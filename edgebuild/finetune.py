@@ -7,6 +7,8 @@ Training stages (train, QAT, prune-and-retrain, distillation) transform the mode
 from __future__ import annotations
 
 import copy
+import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,13 +19,88 @@ from edgebuild.config import bounded
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 3e-3, "weight_decay": 1e-4}
 DEFAULT_SCHEDULER = {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "_partial_": True}
 
+log = logging.getLogger(__name__)
+
+# named optimizer + schedule pairs: `stages.NAME.optimizer=PRESET` (the preset's schedule replaces `scheduler`).
+# A scheduler with "interval": "step" is stepped per batch; OneCycleLR gets total_steps from Lightning.
+PRESETS: dict[str, dict[str, Any]] = {
+    "adamw_cosine": {"optimizer": dict(DEFAULT_OPTIMIZER), "scheduler": dict(DEFAULT_SCHEDULER)},
+    "sgd_onecycle": {  # the hand-written CIFAR script of issue 19: SGD with Nesterov momentum, one cycle to 0.1
+        "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "momentum": 0.9,
+                      "nesterov": True, "weight_decay": 5e-4},
+        "scheduler": {"_target_": "torch.optim.lr_scheduler.OneCycleLR", "_partial_": True, "max_lr": 0.1,
+                      "interval": "step"},
+    },
+}
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "64")
+
+
+def resolve_optimizer(fit_cfg: Any, where: str = "optimizer") -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(optimizer, scheduler) configs of a stage: its own, or those of a named preset."""
+    from edgebuild.errors import EdgebuildError
+
+    opt = fit_cfg.optimizer
+    if isinstance(opt, str):
+        if opt not in PRESETS:
+            raise EdgebuildError(f"{where}.optimizer={opt!r} is not a known preset",
+                                 f"use one of: {', '.join(sorted(PRESETS))}, or a _target_ config "
+                                 "({_target_: torch.optim.AdamW, _partial_: true, lr: 0.003})")
+        preset = PRESETS[opt]
+        return dict(preset["optimizer"]), dict(preset["scheduler"]) if preset["scheduler"] else None
+    return dict(opt or {}), (dict(fit_cfg.scheduler) if fit_cfg.scheduler else None)
+
+
+def _cpu_supports(kind: str) -> bool:
+    import torch
+
+    check = {"bf16": "_is_mkldnn_bf16_supported", "16": "_is_mkldnn_fp16_supported"}[kind]
+    try:
+        return bool(getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def check_precision(tcfg: Any) -> str:
+    """Plan time: the trainer's precision runs on this machine's accelerator; returns it. bf16 on a CPU
+    without AVX-512 BF16 / AMX (torch's oneDNN check), or fp16 on a CPU without AVX-512 FP16, is refused."""
+    import torch
+
+    from edgebuild.errors import EdgebuildError
+
+    precision = str(tcfg.precision)
+    if precision not in PRECISIONS:
+        raise EdgebuildError(f"trainer.precision={precision!r} is not a Lightning precision",
+                             f"use one of: {', '.join(PRECISIONS)}")
+    kind = "bf16" if precision.startswith("bf16") else "16" if precision.startswith("16") else None
+    if kind is None:
+        return precision
+    accel = str(tcfg.accelerator)
+    on_gpu = accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available())
+    if on_gpu:
+        if not torch.cuda.is_available():
+            raise EdgebuildError(f"trainer.accelerator={accel} but no CUDA device is visible",
+                                 "use trainer.accelerator=cpu")
+        if kind == "bf16" and not torch.cuda.is_bf16_supported():
+            raise EdgebuildError(f"trainer.precision={precision}: this GPU has no bf16",
+                                 "use trainer.precision=16-mixed or 32-true")
+        return precision
+    if not _cpu_supports(kind):
+        what = "AVX-512 BF16 / AMX-BF16" if kind == "bf16" else "AVX-512 FP16 / AMX-FP16"
+        cap = torch.backends.cpu.get_cpu_capability()
+        raise EdgebuildError(f"trainer.precision={precision} needs a CPU with {what}; this one ({cap}) has none, "
+                             "so training would be emulated (slower than f32) or fail",
+                             "use trainer.precision=32-true on this machine"
+                             + (" (or bf16-mixed where lscpu lists avx512_bf16 / amx_bf16)" if kind == "16" else ""))
+    return precision
+
 
 @dataclass
 class FitConfig:
     """Fields every training stage shares (embedded in their dataclasses)."""
 
     epochs: int = bounded(5, ge=0)
-    optimizer: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_OPTIMIZER))
+    # a _target_ config, or a preset name (PRESETS: adamw_cosine, sgd_onecycle) that also sets the schedule
+    optimizer: Any = field(default_factory=lambda: dict(DEFAULT_OPTIMIZER))
     scheduler: dict[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_SCHEDULER))
     early_stopping_patience: int | None = bounded(None, ge=1)  # epochs without val improvement; null = off
 
@@ -35,12 +112,13 @@ class FitConfig:
         from edgebuild.config import instantiate
         from edgebuild.errors import EdgebuildError
 
-        lr = (self.optimizer or {}).get("lr")
+        optimizer, _ = resolve_optimizer(self, where)
+        lr = optimizer.get("lr")
         if isinstance(lr, (int, float)) and not lr > 0:
             raise EdgebuildError(f"{where}.optimizer.lr = {lr} is out of range: it must be > 0",
                                  f"set {where}.optimizer.lr to a positive learning rate (e.g. 1e-3)")
         try:
-            instantiate(self.optimizer)([torch.nn.Parameter(torch.zeros(1))])
+            instantiate(optimizer)([torch.nn.Parameter(torch.zeros(1))])
         except (ValueError, TypeError) as e:
             raise EdgebuildError(f"{where}.optimizer is invalid: {e}",
                                  f"fix the value named above under {where}.optimizer") from None
@@ -110,15 +188,73 @@ def _lightning_module(model: Any, task: Any, num_classes: int, fit_cfg: Any, dis
 
         def configure_optimizers(self) -> Any:
             params = [p for p in self.model.parameters() if p.requires_grad]
-            opt = instantiate(fit_cfg.optimizer)(params)
-            if not fit_cfg.scheduler:
+            opt_cfg, sched_cfg = resolve_optimizer(fit_cfg)
+            opt = instantiate(opt_cfg)(params)
+            if not sched_cfg:
                 return opt
-            sched_cfg = dict(fit_cfg.scheduler)
-            if sched_cfg.get("_target_", "").endswith("CosineAnnealingLR") and "T_max" not in sched_cfg:
+            interval = sched_cfg.pop("interval", "epoch")
+            target = sched_cfg.get("_target_", "")
+            if target.endswith("CosineAnnealingLR") and "T_max" not in sched_cfg:
                 sched_cfg["T_max"] = max(1, epochs)
-            return {"optimizer": opt, "lr_scheduler": instantiate(sched_cfg)(opt)}
+            if target.endswith("OneCycleLR") and "total_steps" not in sched_cfg:
+                sched_cfg["total_steps"] = max(1, int(self.trainer.estimated_stepping_batches))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": instantiate(sched_cfg)(opt), "interval": interval}}
 
     return TaskModule()
+
+
+def _batch_len(batch: Any) -> int:
+    x = batch[0] if isinstance(batch, (list, tuple)) else batch
+    return int(x.shape[0]) if hasattr(x, "shape") else len(x)
+
+
+def _progress_callbacks(name: str, monitor: str, epochs: int, bar: bool) -> tuple[Any, list[Any]]:
+    """An epoch clock that logs one line per epoch (loss, val metric, seconds, images/s: what a log file
+    shows) and keeps the per-epoch series; in a terminal also a progress bar with images/s and ETA."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import TQDMProgressBar
+
+    class EpochClock(pl.Callback):
+        def __init__(self) -> None:
+            self.epoch_s: list[float] = []
+            self.images_per_s: list[float] = []
+            self.images = 0
+
+        def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
+            self.t0 = self.t_train = time.perf_counter()
+            self.images = 0
+
+        def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            self.images += _batch_len(batch)
+            self.t_train = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
+            now = time.perf_counter()
+            seconds, train_s = now - self.t0, max(self.t_train - self.t0, 1e-9)
+            ips = self.images / train_s
+            self.epoch_s.append(seconds)
+            self.images_per_s.append(ips)
+            m = trainer.callback_metrics
+            parts = [f"{name} epoch {trainer.current_epoch + 1}/{epochs}:"]
+            if "train/loss" in m:
+                parts.append(f"loss {float(m['train/loss']):.4f},")
+            if monitor in m:
+                parts.append(f"{monitor} {float(m[monitor]):.4f},")
+            parts.append(f"{seconds:.1f} s, {ips:.0f} img/s ({self.images} images)")
+            log.info(" ".join(parts))
+
+    clock = EpochClock()
+
+    class ThroughputBar(TQDMProgressBar):
+        def get_metrics(self, trainer: Any, module: Any) -> dict[str, Any]:
+            metrics = dict(super().get_metrics(trainer, module))
+            metrics.pop("v_num", None)
+            elapsed = time.perf_counter() - getattr(clock, "t0", time.perf_counter())
+            if clock.images and elapsed > 0:
+                metrics["img/s"] = f"{clock.images / elapsed:.0f}"
+            return metrics
+
+    return clock, [clock, ThroughputBar()] if bar else [clock]
 
 
 def fit(model: Any, ctx: Any, fit_cfg: Any, *, callbacks: list[Any] | None = None,
@@ -140,13 +276,16 @@ def fit(model: Any, ctx: Any, fit_cfg: Any, *, callbacks: list[Any] | None = Non
     ckpt_dir = ctx.workdir / f".{name}-checkpoints"
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, monitor=task.monitor, mode="max", save_top_k=1,
                                  save_weights_only=True, filename="best")
-    cbs = [checkpoint, *(callbacks or [])]
+    tcfg = ctx.cfg.trainer
+    precision = check_precision(tcfg)
+    bar = tcfg.enable_progress_bar if tcfg.enable_progress_bar is not None else sys.stderr.isatty()
+    clock, progress = _progress_callbacks(name, task.monitor, epochs, bool(bar))
+    cbs = [checkpoint, *progress, *(callbacks or [])]
     if fit_cfg.early_stopping_patience:
         cbs.append(EarlyStopping(monitor=task.monitor, mode="max", patience=fit_cfg.early_stopping_patience))
-    tcfg = ctx.cfg.trainer
     kwargs = dict(accelerator=tcfg.accelerator, devices=tcfg.devices, strategy=tcfg.strategy,
-                  precision=tcfg.precision, deterministic=tcfg.deterministic,
-                  enable_progress_bar=tcfg.enable_progress_bar, enable_model_summary=tcfg.enable_model_summary,
+                  precision=precision, deterministic=tcfg.deterministic,
+                  enable_progress_bar=bool(bar), enable_model_summary=tcfg.enable_model_summary,
                   log_every_n_steps=tcfg.log_every_n_steps, max_epochs=epochs, callbacks=cbs,
                   logger=ctx.logger(name) if ctx.logger else False, default_root_dir=str(ctx.workdir),
                   num_sanity_val_steps=0)
@@ -173,7 +312,13 @@ def fit(model: Any, ctx: Any, fit_cfg: Any, *, callbacks: list[Any] | None = Non
         f.unlink()
     if ckpt_dir.exists():
         ckpt_dir.rmdir()
-    metrics = {f"{name}/epochs": float(trainer.current_epoch), f"{name}/seconds": seconds}
+    metrics: dict[str, Any] = {f"{name}/epochs": float(trainer.current_epoch), f"{name}/seconds": seconds,
+                               f"{name}/precision": precision}
+    # per-epoch series (a list is recorded as one MLflow metric with a step per epoch)
+    prefix = "" if name in ("train", "fit") else f"{name}/"
+    if clock.epoch_s:
+        metrics[f"{prefix}time/epoch_s"] = [round(v, 3) for v in clock.epoch_s]
+        metrics[f"{prefix}throughput/train_images_per_s"] = [round(v, 1) for v in clock.images_per_s]
     if best is not None:
         metrics[f"{name}/best_{task.monitor.replace('/', '_')}"] = float(best)
     model = module.model.eval()

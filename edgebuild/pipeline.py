@@ -43,7 +43,7 @@ class Context:
 def plan(cfg: Any) -> list[tuple[str, Stage, str]]:
     """Validate the stage graph before any work: kinds, options, inputs and references, tasks."""
     from edgebuild.config import check_config
-    from edgebuild.finetune import FitConfig
+    from edgebuild.finetune import FitConfig, check_precision
 
     check_config(cfg)
     stages: list[tuple[str, Stage, str]] = []
@@ -71,6 +71,7 @@ def plan(cfg: Any) -> list[tuple[str, Stage, str]]:
         precision[name] = stage.output_precision or precision[source]
         if isinstance(stage, FitConfig):
             stage.check_optimizer(f"stages.{name}")
+            check_precision(cfg.trainer)
         stage.check(cfg)
         stages.append((name, stage, source))
         names.append(name)

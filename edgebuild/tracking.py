@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,19 @@ def _status_for(exc: BaseException | None) -> str:
     return "FAILED"
 
 
+def is_series(v: Any) -> bool:
+    """A list of numbers in a stage's metrics is a per-epoch (per-step) series."""
+    return isinstance(v, (list, tuple)) and bool(v) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+
 def split_metrics(metrics: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
-    """Numbers become MLflow metrics; anything else (precisions, proxy device) becomes a tag."""
+    """Numbers become MLflow metrics; anything else (precisions, proxy device) becomes a tag. A series
+    (list of numbers) is left to `record`, which logs it with one step per element."""
     nums, tags = {}, {}
     for k, v in metrics.items():
+        if is_series(v):
+            continue
         if isinstance(v, bool):
             nums[k] = float(v)
         elif isinstance(v, (int, float)) and math.isfinite(v):
@@ -74,6 +84,7 @@ class StageRun:
         if self.tracker is None:
             return
         import mlflow
+        from mlflow.entities import Metric
 
         nums, str_tags = split_metrics(metrics)
         client = mlflow.MlflowClient()
@@ -81,6 +92,11 @@ class StageRun:
             mlflow.log_params(_params(params), run_id=self.run_id)
         if nums:
             mlflow.log_metrics(nums, run_id=self.run_id)
+        for k, series in metrics.items():  # per-epoch series: step 1..n, so MLflow charts them per epoch
+            if is_series(series):
+                ts = int(time.time() * 1000)
+                client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, i + 1) for i, v in enumerate(series)
+                                                       if math.isfinite(v)])
         all_tags = {**str_tags, **{k: str(v) for k, v in (tags or {}).items()}}
         for k, v in all_tags.items():
             client.set_tag(self.run_id, k, v[:5000])
