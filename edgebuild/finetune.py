@@ -7,11 +7,14 @@ Training stages (train, QAT, prune-and-retrain, distillation) transform the mode
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from edgebuild.config import bounded
@@ -32,7 +35,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                       "interval": "step"},
     },
 }
-PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "64")
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "64")
 
 
 def resolve_optimizer(fit_cfg: Any, where: str = "optimizer") -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -62,7 +65,8 @@ def _cpu_supports(kind: str) -> bool:
 
 def check_precision(tcfg: Any) -> str:
     """Plan time: the trainer's precision runs on this machine's accelerator; returns it. bf16 on a CPU
-    without AVX-512 BF16 / AMX (torch's oneDNN check), or fp16 on a CPU without AVX-512 FP16, is refused."""
+    without AVX-512 BF16 / AMX (torch's oneDNN check), or fp16 on a CPU without AVX-512 FP16, is refused.
+    `auto` is bf16-mixed where the accelerator has bf16, else 32-true (the summary says which trained)."""
     import torch
 
     from edgebuild.errors import EdgebuildError
@@ -71,11 +75,14 @@ def check_precision(tcfg: Any) -> str:
     if precision not in PRECISIONS:
         raise EdgebuildError(f"trainer.precision={precision!r} is not a Lightning precision",
                              f"use one of: {', '.join(PRECISIONS)}")
+    accel = str(tcfg.accelerator)
+    on_gpu = accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available())
+    if precision == "auto":
+        bf16 = (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) if on_gpu else _cpu_supports("bf16")
+        return "bf16-mixed" if bf16 else "32-true"
     kind = "bf16" if precision.startswith("bf16") else "16" if precision.startswith("16") else None
     if kind is None:
         return precision
-    accel = str(tcfg.accelerator)
-    on_gpu = accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available())
     if on_gpu:
         if not torch.cuda.is_available():
             raise EdgebuildError(f"trainer.accelerator={accel} but no CUDA device is visible",
@@ -167,9 +174,9 @@ def _lightning_module(model: Any, task: Any, num_classes: int, fit_cfg: Any, dis
                 with torch.no_grad():
                     t_out = self.teacher(x)
                 kd = kd_loss(task.logits(out), task.logits(t_out), distill.temperature)
-                self.log("train/kd_loss", kd, on_epoch=True, on_step=False)
+                self.log("train/kd_loss", kd, on_epoch=True, on_step=False, sync_dist=True)
                 loss = distill.alpha * kd + (1 - distill.alpha) * loss
-            self.log("train/loss", loss, on_epoch=True, on_step=False, prog_bar=True)
+            self.log("train/loss", loss, on_epoch=True, on_step=False, prog_bar=True, sync_dist=True)
             return loss
 
         def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -177,7 +184,7 @@ def _lightning_module(model: Any, task: Any, num_classes: int, fit_cfg: Any, dis
             self.val_metric.update(self.model(x), y)
 
         def on_validation_epoch_end(self) -> None:
-            self.log(task.monitor, self.val_metric.compute(), prog_bar=True)
+            self.log(task.monitor, self.val_metric.compute(), prog_bar=True, sync_dist=True)
             self.val_metric.reset()
 
         def train(self, mode: bool = True) -> Any:
@@ -208,16 +215,17 @@ def _batch_len(batch: Any) -> int:
     return int(x.shape[0]) if hasattr(x, "shape") else len(x)
 
 
-def _progress_callbacks(name: str, monitor: str, epochs: int, bar: bool) -> tuple[Any, list[Any]]:
+def _progress_callbacks(name: str, monitor: str, epochs: int, bar: bool, record: Path) -> list[Any]:
     """An epoch clock that logs one line per epoch (loss, val metric, seconds, images/s: what a log file
-    shows) and keeps the per-epoch series; in a terminal also a progress bar with images/s and ETA."""
+    shows) and writes the per-epoch series to `record`; in a terminal also a progress bar with images/s
+    and ETA. Only rank 0 logs and writes: under DDP the ranks are forked processes, so a file is how the
+    series (and the best score, which Lightning does not send back) reach the building process."""
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import TQDMProgressBar
 
     class EpochClock(pl.Callback):
         def __init__(self) -> None:
-            self.epoch_s: list[float] = []
-            self.images_per_s: list[float] = []
+            self.series: dict[str, Any] = {"epoch_s": [], "images_per_s": [], "best": None, "epochs": 0}
             self.images = 0
 
         def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
@@ -225,16 +233,23 @@ def _progress_callbacks(name: str, monitor: str, epochs: int, bar: bool) -> tupl
             self.images = 0
 
         def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            self.images += _batch_len(batch)
+            self.images += _batch_len(batch) * trainer.world_size  # every rank trains on as many images
             self.t_train = time.perf_counter()
 
         def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
-            now = time.perf_counter()
-            seconds, train_s = now - self.t0, max(self.t_train - self.t0, 1e-9)
+            if not trainer.is_global_zero:
+                return
+            seconds, train_s = time.perf_counter() - self.t0, max(self.t_train - self.t0, 1e-9)
             ips = self.images / train_s
-            self.epoch_s.append(seconds)
-            self.images_per_s.append(ips)
             m = trainer.callback_metrics
+            rec = self.series
+            rec["epoch_s"].append(round(seconds, 3))
+            rec["images_per_s"].append(round(ips, 1))
+            rec["epochs"] = trainer.current_epoch + 1
+            if monitor in m and (rec["best"] is None or float(m[monitor]) > rec["best"]):
+                rec["best"] = float(m[monitor])
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps(rec))
             parts = [f"{name} epoch {trainer.current_epoch + 1}/{epochs}:"]
             if "train/loss" in m:
                 parts.append(f"loss {float(m['train/loss']):.4f},")
@@ -254,7 +269,14 @@ def _progress_callbacks(name: str, monitor: str, epochs: int, bar: bool) -> tupl
                 metrics["img/s"] = f"{clock.images / elapsed:.0f}"
             return metrics
 
-    return clock, [clock, ThroughputBar()] if bar else [clock]
+    return [clock, ThroughputBar()] if bar else [clock]
+
+
+def _strategy(tcfg: Any) -> Any:
+    """Lightning's `ddp` launcher re-executes the command line for every other rank, which would run the
+    whole build (stages, measurement, MLflow runs, summary) once per rank. The fork launcher starts the
+    ranks inside `fit` only, and hands the trained weights back to the building process."""
+    return "ddp_fork" if str(tcfg.strategy) == "ddp" else tcfg.strategy
 
 
 def fit(model: Any, ctx: Any, fit_cfg: Any, *, callbacks: list[Any] | None = None,
@@ -279,11 +301,12 @@ def fit(model: Any, ctx: Any, fit_cfg: Any, *, callbacks: list[Any] | None = Non
     tcfg = ctx.cfg.trainer
     precision = check_precision(tcfg)
     bar = tcfg.enable_progress_bar if tcfg.enable_progress_bar is not None else sys.stderr.isatty()
-    clock, progress = _progress_callbacks(name, task.monitor, epochs, bool(bar))
-    cbs = [checkpoint, *progress, *(callbacks or [])]
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # left by an interrupted build: not this fit's record
+    record = ckpt_dir / "epochs.json"
+    cbs = [checkpoint, *_progress_callbacks(name, task.monitor, epochs, bool(bar), record), *(callbacks or [])]
     if fit_cfg.early_stopping_patience:
         cbs.append(EarlyStopping(monitor=task.monitor, mode="max", patience=fit_cfg.early_stopping_patience))
-    kwargs = dict(accelerator=tcfg.accelerator, devices=tcfg.devices, strategy=tcfg.strategy,
+    kwargs = dict(accelerator=tcfg.accelerator, devices=tcfg.devices, strategy=_strategy(tcfg),
                   precision=precision, deterministic=tcfg.deterministic,
                   enable_progress_bar=bool(bar), enable_model_summary=tcfg.enable_model_summary,
                   log_every_n_steps=tcfg.log_every_n_steps, max_epochs=epochs, callbacks=cbs,
@@ -307,19 +330,16 @@ def fit(model: Any, ctx: Any, fit_cfg: Any, *, callbacks: list[Any] | None = Non
     if checkpoint.best_model_path:
         state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
-    best = checkpoint.best_model_score
-    for f in ckpt_dir.glob("*"):
-        f.unlink()
-    if ckpt_dir.exists():
-        ckpt_dir.rmdir()
-    metrics: dict[str, Any] = {f"{name}/epochs": float(trainer.current_epoch), f"{name}/seconds": seconds,
+    rec = json.loads(record.read_text()) if record.exists() else {"epoch_s": [], "best": None, "epochs": 0}
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    metrics: dict[str, Any] = {f"{name}/epochs": float(rec["epochs"]), f"{name}/seconds": seconds,
                                f"{name}/precision": precision}
     # per-epoch series (a list is recorded as one MLflow metric with a step per epoch)
     prefix = "" if name in ("train", "fit") else f"{name}/"
-    if clock.epoch_s:
-        metrics[f"{prefix}time/epoch_s"] = [round(v, 3) for v in clock.epoch_s]
-        metrics[f"{prefix}throughput/train_images_per_s"] = [round(v, 1) for v in clock.images_per_s]
-    if best is not None:
-        metrics[f"{name}/best_{task.monitor.replace('/', '_')}"] = float(best)
+    if rec["epoch_s"]:
+        metrics[f"{prefix}time/epoch_s"] = rec["epoch_s"]
+        metrics[f"{prefix}throughput/train_images_per_s"] = rec["images_per_s"]
+    if rec["best"] is not None:
+        metrics[f"{name}/best_{task.monitor.replace('/', '_')}"] = rec["best"]
     model = module.model.eval()
     return (transform_best(model) if transform_best else model), metrics

@@ -87,6 +87,24 @@ def final_profile(summary: dict[str, Any], top: int = 10) -> tuple[list[str], li
     return profile.table(profile.load(path), top)
 
 
+def training_lines(summary: dict[str, Any]) -> list[str]:
+    """Per training stage: the precision it trained in, its epochs and throughput (what the table leaves out)."""
+    lines = []
+    for st in summary["stages"]:
+        m = st["metrics"]
+        for key, precision in m.items():
+            fit = key[: -len("/precision")]
+            if not key.endswith("/precision") or fit == "runtime" or f"{fit}/epochs" not in m:
+                continue
+            prefix = "" if fit in ("train", "fit") else f"{fit}/"
+            epoch_s, ips = m.get(f"{prefix}time/epoch_s") or [], m.get(f"{prefix}throughput/train_images_per_s") or []
+            speed = f", median {sorted(epoch_s)[len(epoch_s) // 2]:.1f} s/epoch, {sorted(ips)[len(ips) // 2]:.0f} img/s" \
+                if epoch_s and ips else ""
+            what = st["name"] if fit == st["name"] else f"{st['name']} ({fit})"
+            lines.append(f"trained {what}: {precision}, {m[f'{fit}/epochs']:.0f} epochs{speed}")
+    return lines
+
+
 def print_summary(summary: dict[str, Any], path: Path) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -118,6 +136,8 @@ def print_summary(summary: dict[str, Any], path: Path) -> None:
         for r in profiled[1]:
             pt.add_row(*r)
         console.print(pt)
+    for line in training_lines(summary):
+        console.print(line)
     for split, origin in summary.get("data", {}).items():
         console.print(f"data {split}: {origin}")
     for note in summary.get("notes", []):
