@@ -126,8 +126,8 @@ def read_deploy_folder(path: str | Path, what: str = "deploy folder") -> Artifac
 
     root = Path(path).expanduser()
     _load_kinds()
-    fix = (f"give the deploy/ folder of an edgebuild build (model.json with format {' or '.join(set(USER_FORMATS.values()))},"
-           " files, input_shape)")
+    kinds = " or ".join(sorted(set(USER_FORMATS.values())))
+    fix = f"give the deploy/ folder of an edgebuild build (model.json with format {kinds}, files, input_shape)"
 
     def bad(problem: str) -> EdgebuildError:
         return EdgebuildError(f"{what} {root}: {problem}", fix)

@@ -34,6 +34,24 @@ def supports(target_cfg: Any, capability: str) -> bool:
     return runtime_class(target_cfg).supports(capability)
 
 
+def require(target_cfg: Any, stage: str, needed: str, options: dict[str, str] | None = None) -> None:
+    """Plan time: the target's runtime has capability `needed`, and every capability an option the user
+    set needs ({"max_drop=0.01": QUANTIZE_ACCURACY_CONTROL}); otherwise a clear error naming who has it."""
+    runtime = runtime_class(target_cfg)
+
+    def able(cap: str) -> str:
+        return ", ".join(n for n, cls in load_runtimes().items() if cls.supports(cap)) or "none yet"
+
+    if not runtime.supports(needed):
+        raise EdgebuildError(f"{stage}: target {target_cfg.name!r} runs {target_cfg.runtime}, which has no {needed!r}",
+                             f"use a target whose runtime has it (target.runtime: {able(needed)}), or remove the stage")
+    for option, cap in (options or {}).items():
+        if not runtime.supports(cap):
+            raise EdgebuildError(f"{stage}: {option} is not supported by target {target_cfg.name!r} "
+                                 f"(runtime {target_cfg.runtime})",
+                                 f"drop the option, or use a target whose runtime has it ({able(cap)})")
+
+
 def load_runtimes() -> dict[str, Any]:
     """Every registered runtime class by name (importing them registers their formats as artifact kinds)."""
     out = {}
