@@ -190,3 +190,24 @@ def measure_runtime(deployable: Any, ctx: Any, macs: float | None) -> dict[str, 
     if est is not None:
         metrics["latency/estimate_ms"] = est
     return metrics
+
+
+# ------------------------------------------------------------------------ a stage's metrics
+def inherit_counts(metrics: dict[str, Any], input_metrics: dict[str, Any]) -> None:
+    """Runtime formats keep the MACs/params of their source (torch's counter needs a torch model)."""
+    for key in ("macs", "params"):
+        if key not in metrics and key in input_metrics:
+            metrics[key] = input_metrics[key]
+
+
+class Drops:
+    """`acc/drop` (pp) / `map/drop` (points) vs the first stage that has the task's primary metric."""
+
+    def __init__(self, task: Any):
+        self.primary, self.drop, self.reference = task.primary_metric, task.drop_metric, None
+
+    def add(self, metrics: dict[str, Any]) -> None:
+        if self.primary in metrics:
+            if self.reference is None:
+                self.reference = metrics[self.primary]
+            metrics[self.drop] = (self.reference - metrics[self.primary]) * 100.0

@@ -23,7 +23,7 @@ class FP16(Stage):
     version: ClassVar[int] = 2
     uses: ClassVar[tuple[str, ...]] = ("task", "target_format")
 
-    weights: str = "fp16"  # fp16: half-precision weights; int8: INT8 weight-only (nncf.compress_weights)
+    weights: str = "fp16"  # fp16: half-precision weights; int8: INT8 weight-only, per-channel scales
 
     def check(self, cfg: Any) -> None:
         if self.weights not in WEIGHTS:
