@@ -1,4 +1,4 @@
-"""Artifact: the immutable output of a stage (a torch model, an ONNX file or an OpenVINO IR)."""
+"""Artifact: the immutable output of a stage (a torch model or a runtime's deployable format)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-KINDS = ("torch", "onnx", "openvino")
 TORCH_FILE = "model.pt"
-ONNX_FILE = "model.onnx"
-IR_FILE = "model.xml"
-# What a user folder may hold: runtime formats only, by their model.json "format" and file suffixes.
-# A torch pickle runs code when loaded, so "torch" is never read from a user path.
-USER_FORMATS = {"openvino": (".xml", ".bin"), "openvino IR": (".xml", ".bin"), "onnx": (".onnx", ".data")}
+# Artifact kinds: torch, plus each runtime's format, registered when its Runtime class is defined
+# (targets/base.py). Kind -> file suffixes.
+KINDS: dict[str, tuple[str, ...]] = {"torch": (".pt",)}
+# What a user folder may hold: runtime formats only, by their model.json "format" (or an alias) and
+# file suffixes. A torch pickle runs code when loaded, so "torch" is never read from a user path.
+USER_FORMATS: dict[str, str] = {}  # model.json format name -> kind
+
+
+def register_kind(kind: str, suffixes: tuple[str, ...], aliases: tuple[str, ...] = ()) -> None:
+    KINDS[kind] = tuple(suffixes)
+    USER_FORMATS.update({name: kind for name in (kind, *aliases)})
+
+
+def _load_kinds() -> None:
+    """Import every registered runtime module (light: heavy imports live in their methods), so their
+    formats are known kinds, e.g. when a cached artifact is read before any target was built."""
+    from edgebuild.targets import load_runtimes
+
+    load_runtimes()
 
 
 def file_digest(path: Path) -> str:
@@ -48,7 +61,9 @@ class Artifact:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"artifact kind {self.kind!r} is not one of {KINDS}")
+            _load_kinds()
+        if self.kind not in KINDS:
+            raise ValueError(f"artifact kind {self.kind!r} is not one of {tuple(KINDS)}")
         self.root = Path(self.root)
         if not self.digest:
             self.digest = tree_digest(self.root, self.files)
@@ -110,7 +125,9 @@ def read_deploy_folder(path: str | Path, what: str = "deploy folder") -> Artifac
     from edgebuild.errors import EdgebuildError
 
     root = Path(path).expanduser()
-    fix = "give the deploy/ folder of an edgebuild build (model.json with format openvino or onnx, files, input_shape)"
+    _load_kinds()
+    kinds = " or ".join(sorted(set(USER_FORMATS.values())))
+    fix = f"give the deploy/ folder of an edgebuild build (model.json with format {kinds}, files, input_shape)"
 
     def bad(problem: str) -> EdgebuildError:
         return EdgebuildError(f"{what} {root}: {problem}", fix)
@@ -128,7 +145,7 @@ def read_deploy_folder(path: str | Path, what: str = "deploy folder") -> Artifac
         raise bad(f"model.json has no {', '.join(missing)}")
     fmt = spec["format"]
     if fmt not in USER_FORMATS:
-        raise bad(f"format {fmt!r} is not a runtime format ({', '.join(sorted(set(USER_FORMATS) - {'openvino IR'}))});"
+        raise bad(f"format {fmt!r} is not a runtime format ({', '.join(sorted(set(USER_FORMATS.values())))});"
                   " edgebuild never loads torch pickles or other code-bearing files from user folders")
     files = spec["files"]
     if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
@@ -137,8 +154,9 @@ def read_deploy_folder(path: str | Path, what: str = "deploy folder") -> Artifac
         file = (root / name).resolve()
         if not file.is_relative_to(root.resolve()):
             raise bad(f"file {name!r} lies outside the folder")
-        if not name.endswith(USER_FORMATS[fmt]):
-            raise bad(f"file {name!r} is not a {fmt} file ({', '.join(USER_FORMATS[fmt])})")
+        suffixes = KINDS[USER_FORMATS[fmt]]
+        if not name.endswith(suffixes):
+            raise bad(f"file {name!r} is not a {fmt} file ({', '.join(suffixes)})")
         if not file.is_file():
             raise bad(f"file {name!r} does not exist")
     shape = spec["input_shape"]
@@ -148,8 +166,7 @@ def read_deploy_folder(path: str | Path, what: str = "deploy folder") -> Artifac
     meta = {"input_shape": shape, "layout": spec.get("layout", "NCHW"), "mean": pre.get("mean"),
             "std": pre.get("std"), "scale": pre.get("scale", 255.0), "class_names": spec.get("class_names"),
             "task": spec.get("task"), "outputs": spec.get("outputs"), "postprocess": spec.get("postprocess")}
-    kind = "openvino" if fmt == "openvino IR" else fmt
-    return Artifact(kind, root, list(files), meta=meta, digest=tree_digest(root, list(files)))
+    return Artifact(USER_FORMATS[fmt], root, list(files), meta=meta, digest=tree_digest(root, list(files)))
 
 
 def write_json(path: Path, data: Any) -> None:

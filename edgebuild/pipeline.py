@@ -3,7 +3,6 @@ measure the same way, record, and finally package the deployable, check the budg
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import subprocess
@@ -241,81 +240,47 @@ class Builder:
 
     # ------------------------------------------------------------------------------ build
     def build(self) -> dict[str, Any]:
+        """run -> measure -> record, per stage; then package, budget, summary."""
         from edgebuild import budget as budgets
         from edgebuild import summary as summaries
-        from edgebuild.evaluate import measure_runtime
+        from edgebuild.evaluate import Drops
         from edgebuild.tracking import make_tracker
 
         cfg = self.cfg
         t_build = time.perf_counter()
         tracker = make_tracker(cfg.tracking, cfg.tracking.experiment or f"edgebuild/{self.recipe}")
-        resolved = _plain(cfg)
         tags = {"recipe": self.recipe, "edgebuild_version": __version__, "target": cfg.target.name,
                 "task": cfg.task.name, "status": "running", **git_info(),
                 "seed": cfg.seed, "data_fingerprint": self.data.fingerprint, **summaries.environment(),
                 **self.extra_tags}
-        summary: dict[str, Any] = {"recipe": self.recipe, "description": cfg.description, "target": cfg.target.name,
-                                   "target_info": self.target.describe(), "run_dir": str(self.run_dir), "stages": [],
-                                   "notes": [], **{k: v for k, v in tags.items() if k.startswith("git")},
-                                   "provenance": {k: v for k, v in tags.items() if k != "status"}}
-        primary, drop_metric = self.task.primary_metric, self.task.drop_metric
-        reference: float | None = None
-        with tracker.build(self.recipe, flatten(resolved), tags) as parent:
+        summary = summaries.start(self.recipe, cfg, self.target, self.run_dir, tags)
+        drops = Drops(self.task)
+        with tracker.build(self.recipe, flatten(_plain(cfg)), tags) as parent:
             summary["mlflow_run_id"] = parent.run_id
             summary["mlflow_experiment"] = tracker.experiment
             dataset = self.dataset_info()
             try:
                 parent.log_input(dataset, "build")
                 self.artifacts["model"] = self.source()
-                previous_metrics: dict[str, Any] = {}
+                previous: dict[str, Any] = {}
                 for name, stage, source in self.stages:
                     t0 = time.perf_counter()
                     with tracker.stage(name, {"kind": stage.kind, "stage_version": stage.version}) as srun:
                         srun.log_input(dataset, name)
                         entry, measured = self.run_stage(name, stage, source, srun)
                         deployable = Artifact.from_json(measured.record["deployable"], relative_to=measured.path)
-                        metrics: dict[str, Any] = dict(measured.record["metrics"])
-                        input_metrics = self.measured.get(source, previous_metrics)
-                        for inherited in ("macs", "params"):  # runtime formats keep the counts of their source
-                            if inherited not in metrics and inherited in input_metrics:
-                                metrics[inherited] = input_metrics[inherited]
-                        metrics.update(entry.record["metrics"])
-                        metrics.update(measure_runtime(deployable, self._measure_ctx(), metrics.get("macs")))
-                        profile_file = None
-                        if cfg.eval.profile.enabled:  # opt-in: per-layer times, preprocessing vs inference
-                            from edgebuild import profile
-
-                            profile_file, profiled = profile.run(deployable, self._measure_ctx(),
-                                                                 self.run_dir / "profile" / f"{name}.json")
-                            metrics.update(profiled)
-                        if primary in metrics:
-                            reference = metrics[primary] if reference is None else reference
-                            metrics[drop_metric] = (reference - metrics[primary]) * 100.0
-                        seconds = time.perf_counter() - t0
-                        metrics["stage/seconds"] = seconds
+                        metrics, profile_file = self.stage_metrics(name, entry, measured, deployable,
+                                                                   self.measured.get(source, previous))
+                        drops.add(metrics)
+                        metrics["stage/seconds"] = seconds = time.perf_counter() - t0
                         metrics["stage/build_seconds"] = entry.record.get("seconds", 0.0)
-                        params = flatten({"stage": {"name": name, "input": source, **stage.params()}})
-                        srun.record(metrics, params=params,
-                                    tags={"cache_hit": str(entry.hit).lower(), "cache_key": entry.key},
-                                    files={"tables": measured.path / "tables.json",  # + the stage's report files
-                                           **{k: entry.path / "artifact" / v
-                                              for k, v in entry.record.get("files", {}).items()}},
-                                    folders={"model": deployable.root} if cfg.tracking.log_model else None)
-                        if profile_file:
-                            srun.record({}, files={"profile": profile_file})
-                        for step in entry.record.get("steps", []):
-                            with srun.child(f"{name}/{step.get('name', 'step')}") as child:
-                                child.record(step.get("metrics", {}), params=step.get("params"))
-                    self.measured[name] = metrics
-                    previous_metrics = metrics
+                        self.record_stage(srun, name, stage, source, entry, measured, deployable, metrics,
+                                          profile_file)
+                    self.measured[name] = previous = metrics
                     summary["notes"] += [f"{name}: {n}" for n in entry.record.get("notes", [])]
-                    summary["stages"].append({
-                        "name": name, "kind": stage.kind, "input": source, "cache_hit": entry.hit,
-                        "seconds": seconds, "artifact": str(entry.path / entry.record["artifact"]["root"]),
-                        "deployable": str(deployable.root), "cache_key": entry.key, "metrics": metrics,
-                    })
-                final_name = self.stages[-1][0]
-                deploy_dir = self.package(final_name)
+                    summary["stages"].append(summaries.stage_row(name, stage, source, entry, deployable, seconds,
+                                                                 metrics))
+                deploy_dir = self.package(self.stages[-1][0])
                 summary["deploy"] = str(deploy_dir)
                 if self.target.is_proxy:
                     summary["notes"].append(f"target device {cfg.target.device} is not on this machine: latency was "
@@ -343,6 +308,36 @@ class Builder:
             raise BudgetExceeded(summary)
         return summary
 
+    def stage_metrics(self, name: str, entry: Entry, measured: Entry, deployable: Artifact,
+                      input_metrics: dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
+        """Cached measurement + the stage's own metrics + what is re-measured every build (latency, what
+        ran, the opt-in profile)."""
+        from edgebuild import profile
+        from edgebuild.evaluate import inherit_counts, measure_runtime
+
+        metrics: dict[str, Any] = dict(measured.record["metrics"])
+        inherit_counts(metrics, input_metrics)
+        metrics.update(entry.record["metrics"])
+        ctx = self._measure_ctx()
+        metrics.update(measure_runtime(deployable, ctx, metrics.get("macs")))
+        profile_file, profiled = profile.maybe_run(deployable, ctx, self.run_dir / "profile" / f"{name}.json")
+        metrics.update(profiled)
+        return metrics, profile_file
+
+    def record_stage(self, srun: Any, name: str, stage: Stage, source: str, entry: Entry, measured: Entry,
+                     deployable: Artifact, metrics: dict[str, Any], profile_file: Path | None) -> None:
+        """The stage's run: metrics, params, cache tags, report files, the deployable; sub-steps as children."""
+        params = flatten({"stage": {"name": name, "input": source, **stage.params()}})
+        srun.record(metrics, params=params, tags={"cache_hit": str(entry.hit).lower(), "cache_key": entry.key},
+                    files={"tables": measured.path / "tables.json",  # + the stage's report files
+                           **{k: entry.path / "artifact" / v for k, v in entry.record.get("files", {}).items()}},
+                    folders={"model": deployable.root} if self.cfg.tracking.log_model else None)
+        if profile_file:
+            srun.record({}, files={"profile": profile_file})
+        for step in entry.record.get("steps", []):
+            with srun.child(f"{name}/{step.get('name', 'step')}") as child:
+                child.record(step.get("metrics", {}), params=step.get("params"))
+
     def dataset_info(self) -> dict[str, Any]:
         """What tracking logs as the runs' dataset input: name, source, fingerprint."""
         root = self.cfg.data.get("root")
@@ -352,28 +347,11 @@ class Builder:
 
     def package(self, name: str) -> Path:
         """The final deployable: model files plus model.json, runnable without edgebuild."""
+        from edgebuild import package
+
         measured = self.measure_entries[name]
         deployable = Artifact.from_json(measured.record["deployable"], relative_to=measured.path)
-        out = self.run_dir / "deploy"
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        for f in deployable.files:
-            shutil.copy2(deployable.root / f, out / f)
-        meta = deployable.meta
-        metrics = self.measured[name]
-        model_json = {
-            "format": deployable.kind, "files": deployable.files, "input_name": "input",
-            "input_shape": meta["input_shape"], "layout": meta.get("layout", "NCHW"),
-            "preprocess": {"scale": meta.get("scale", 255.0), "mean": meta.get("mean"), "std": meta.get("std"),
-                           "formula": "x = (pixels / scale - mean) / std, per channel"},
-            "class_names": meta.get("class_names"), "task": meta.get("task"), "outputs": meta.get("outputs"),
-            "postprocess": meta.get("postprocess"), "precision": metrics.get("runtime/precision"),
-            "target": self.target.describe(), "recipe": self.recipe, "stage": name, "edgebuild_version": __version__,
-            **{k: v for k, v in meta.items() if k.startswith("deploy_")},
-        }
-        (out / "model.json").write_text(json.dumps(model_json, indent=2, default=str))
-        return out
+        return package.write(deployable, self.measured[name], self.run_dir / "deploy", self.target, self.recipe, name)
 
 
 def build(cfg: Any, run_dir: Path, recipe: str, tags: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -31,6 +31,21 @@ COLUMNS = [  # (metric, header, format)
 ]
 
 
+def start(recipe: str, cfg: Any, target: Any, run_dir: Path, tags: dict[str, Any]) -> dict[str, Any]:
+    """A build's summary before any stage ran; stages append rows (`stage_row`)."""
+    return {"recipe": recipe, "description": cfg.description, "target": cfg.target.name,
+            "target_info": target.describe(), "run_dir": str(run_dir), "stages": [], "notes": [],
+            **{k: v for k, v in tags.items() if k.startswith("git")},
+            "provenance": {k: v for k, v in tags.items() if k != "status"}}
+
+
+def stage_row(name: str, stage: Any, source: str, entry: Any, deployable: Any, seconds: float,
+              metrics: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "kind": stage.kind, "input": source, "cache_hit": entry.hit, "seconds": seconds,
+            "artifact": str(entry.path / entry.record["artifact"]["root"]), "deployable": str(deployable.root),
+            "cache_key": entry.key, "metrics": metrics}
+
+
 def format_value(value: Any, fmt: str) -> str:
     if value is None:
         return "-"

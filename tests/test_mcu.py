@@ -81,3 +81,13 @@ def test_tiny_mcu_reports_flash_and_ram_and_fails_a_budget_it_does_not_fit(tmp_p
         testing.build(overrides + ["target.budget.max_ram_bytes=1000"], tmp_path, recipe="tiny_mcu", run_name="small")
     violated = [c["budget"] for c in e.value.args[0]["budget"]["checks"] if not c["ok"]]
     assert violated == ["max_ram_bytes"]
+
+
+def test_mcu_accepts_the_stages_its_openvino_stand_in_can_build():
+    """Stages ask for capabilities, not runtime names: mcu runs OpenVINO, so qat and fp16 plan (this was
+    refused at plan time when qat/fp16 checked target.runtime == 'openvino')."""
+    from edgebuild.pipeline import plan
+
+    for kind, stage in (("qat", "{kind: qat}"), ("fp16", "{kind: fp16, weights: int8}")):
+        cfg = testing.compose([f"+stages.q={stage}"], recipe="tiny_mcu")
+        assert plan(cfg)[-1][1].kind == kind

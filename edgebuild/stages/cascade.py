@@ -74,22 +74,21 @@ class Cascade(Stage):
         return p
 
     def run(self, ctx: Any) -> StageResult:
-        from edgebuild.evaluate import latency
+        from edgebuild.evaluate import deploy, interleaved, load
 
         arts = {"small": self._artifact(ctx, self.small) if self.small else ctx.input,
                 "big": self._artifact(ctx, self.big)}
-        deployables, logits, labels, sessions = {}, {}, {}, {}
+        deployables, logits, labels = {}, {}, {}
         for role, art in arts.items():
-            deployables[role] = ctx.target.runtime.deployable(art, ctx.workdir / f".{role}", ctx.task.output_names)
+            deployables[role] = deploy(art, ctx.workdir / f".{role}", ctx)
             logits[role], labels[role] = predict(deployables[role], ctx)
-            sessions[role] = ctx.target.runtime.compile(deployables[role], ctx.target.device, 1)
         if not np.array_equal(labels["small"], labels["big"]):
             raise EdgebuildError("cascade: the two models were evaluated on different samples", "")
-        p50s: dict[str, list[float]] = {"small": [], "big": []}
-        for _ in range(max(1, self.latency_rounds)):  # interleaved: both see the same machine load
-            for role in ("small", "big"):
-                shape = deployables[role].meta["input_shape"]
-                p50s[role].append(latency(sessions[role], shape, ctx.cfg.eval.latency)["latency/p50_ms"])
+        roles = ("small", "big")
+        rounds = interleaved([load(deployables[r], ctx, 1) for r in roles],  # both see the same machine load
+                             [deployables[r].meta["input_shape"] for r in roles], ctx.cfg.eval.latency,
+                             max(1, self.latency_rounds))
+        p50s = dict(zip(roles, rounds, strict=True))
         ms = {role: float(np.median(v)) for role, v in p50s.items()}
         curve = cascade_curve(logits["small"], logits["big"], labels["big"], self.thresholds, ms["small"], ms["big"])
         big_acc = float((logits["big"].argmax(1) == labels["big"]).mean())
@@ -140,18 +139,12 @@ class Cascade(Stage):
 def predict(deployable: Artifact, ctx: Any) -> tuple[np.ndarray, np.ndarray]:
     """Logits of the compiled deployable over the held-out split, at the model's own input size."""
     from edgebuild.data import for_input
+    from edgebuild.evaluate import load, outputs
 
     batch = ctx.cfg.eval.batch_size
-    session = ctx.target.runtime.compile(deployable, ctx.target.device, batch)
-    data = for_input(ctx.data, deployable.meta["input_shape"])
-    outs, ys = [], []
-    for x, y in data.batches(ctx.cfg.eval.split, batch, ctx.cfg.eval.limit):
-        n = len(x)
-        if n < batch:  # static compiled shape: pad the last batch
-            x = np.concatenate([x, np.zeros((batch - n, *x.shape[1:]), dtype=x.dtype)])
-        outs.append(np.asarray(session.infer(x)[0])[:n])
-        ys.append(np.asarray(y))
-    return np.concatenate(outs), np.concatenate(ys)
+    pairs = list(outputs(load(deployable, ctx, batch), batch, for_input(ctx.data, deployable.meta["input_shape"]),
+                         ctx.cfg.eval))
+    return np.concatenate([np.asarray(o[0]) for o, _ in pairs]), np.concatenate([np.asarray(y) for _, y in pairs])
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

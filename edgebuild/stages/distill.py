@@ -166,16 +166,12 @@ def with_input_size(teacher: Any, teacher_shape: list[int], data_shape: list[int
 def measure_quality(model: Any, input_shape: list[int], ctx: Any, name: str) -> float:
     """The task's primary metric of `model`, measured as the pipeline does: deployed on the target,
     compiled, on the held-out split (the files are scratch and removed)."""
-    from edgebuild.data import for_input
-    from edgebuild.evaluate import quality
+    from edgebuild.evaluate import deploy, score
 
     scratch = ctx.workdir / f".measure-{name}"
     try:
         art = Artifact.save_torch(model, scratch / "torch", {**ctx.input.meta, "input_shape": list(input_shape)})
-        deployable = ctx.target.runtime.deployable(art, scratch / "deploy", ctx.task.output_names)
-        batch = ctx.cfg.eval.batch_size
-        session = ctx.target.runtime.compile(deployable, ctx.target.device, batch)
-        metrics, _ = quality(session, batch, for_input(ctx.data, art.meta["input_shape"]), ctx.task, ctx.cfg.eval)
+        metrics, _ = score(deploy(art, scratch / "deploy", ctx), ctx)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return float(metrics[ctx.task.primary_metric])

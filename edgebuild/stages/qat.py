@@ -1,20 +1,21 @@
 """qat: quantization-aware training, NNCF's order: INT8 PTQ on the torch model (calibration subset
 `data.calibration`), then fine-tuning through the shared Lightning path (`finetune.fit`, the task's
-loss), then conversion to an INT8 OpenVINO IR. Same metrics as `quantize`, so the two compare side by
+loss), then the runtime's INT8 deployable
+(`Runtime.qat_prepare` / `qat_export`: NNCF for OpenVINO). Same metrics as `quantize`, so the two compare side by
 side. NNCF's torch backend compiles a C++ extension on first use (about 40 s, once per machine)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from edgebuild.artifact import IR_FILE, Artifact, write_json
+from edgebuild.artifact import write_json
 from edgebuild.config import bounded
 from edgebuild.errors import EdgebuildError
 from edgebuild.finetune import DEFAULT_OPTIMIZER, FitConfig, fit
 from edgebuild.stage import Stage, StageResult
 from edgebuild.stages.quantize import PRESETS, verify_int8
+from edgebuild.targets import base, require
 
 
 @dataclass
@@ -33,52 +34,18 @@ class QAT(FitConfig, Stage):
     def check(self, cfg: Any) -> None:
         if self.preset not in PRESETS:
             raise EdgebuildError(f"qat: unknown preset {self.preset!r}", f"use one of: {', '.join(PRESETS)}")
-        if cfg.target.runtime != "openvino":
-            raise EdgebuildError(f"qat exports an INT8 OpenVINO IR; target {cfg.target.name!r} runs "
-                                 f"{cfg.target.runtime}",
-                                 "use an OpenVINO target, or the quantize stage for ONNX Runtime (QDQ ONNX)")
+        require(cfg.target, self.kind, base.QAT)
 
     def run(self, ctx: Any) -> StageResult:
-        import nncf
-        import openvino as ov
-        import torch
-
-        from edgebuild.convert import save_ir
-
-        # the first use compiles NNCF's C++ extension: minutes on a busy 2-core machine, beyond NNCF's
-        # 60 s default; wait for it rather than fail (a user's own setting wins)
-        os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")
+        runtime = ctx.target.runtime
         source = ctx.input
-        model = source.load_torch()  # a clear error when the input is not a torch model
-        if isinstance(model, torch.nn.Sequential):  # NNCF adds a hook submodule a Sequential would call
-            model = _Root(model)
         calibration = ctx.data.calibration()
-        dataset = nncf.Dataset([torch.from_numpy(x[None]) for x in calibration])
-        quantized = nncf.quantize(model, dataset, preset=nncf.QuantizationPreset(self.preset),
-                                  subset_size=len(calibration))
+        quantized = runtime.qat_prepare(source.load_torch(), calibration, symmetric=self.preset == "performance")
         quantized, metrics = fit(quantized, ctx, self, name="qat")
-        example = torch.zeros([1, *list(source.meta["input_shape"])[1:]])
-        ir = ov.convert_model(quantized.eval(), example_input=example)
-        save_ir(ir, ctx.workdir / IR_FILE)
-        meta = {**source.meta, "formats": ["openvino"], "precision": "int8",
+        meta = {**source.meta, "precision": "int8",
                 "deploy_quantization": {"method": "qat", "preset": self.preset, "epochs": self.epochs}}
-        artifact = Artifact("openvino", ctx.workdir, [IR_FILE, "model.bin"], meta)
+        artifact = runtime.qat_export(quantized, source.meta["input_shape"], ctx.workdir, meta)
         fp_layers = verify_int8(ctx, artifact, self.kind)
         write_json(ctx.workdir / "fp_layers.json", fp_layers)
         metrics.update({"quantize/fp_layers": len(fp_layers), "quantize/calibration_samples": int(len(calibration))})
         return StageResult(artifact, metrics, files={"fp_layers": "fp_layers.json"})
-
-
-def _Root(model: Any) -> Any:
-    """`model` under a plain root module (NNCF's torch backend cannot hook a top-level Sequential)."""
-    import torch
-
-    class Root(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, x: Any) -> Any:
-            return self.model(x)
-
-    return Root()

@@ -19,19 +19,68 @@ RUNTIMES = {
 }
 
 
+def runtime_class(target_cfg: Any) -> Any:
+    """The Runtime subclass of a target config (imports its module: light, heavy imports are deferred)."""
+    name = target_cfg.runtime
+    if name not in RUNTIMES:
+        raise EdgebuildError(f"unknown runtime {name!r} in target {target_cfg.name!r}",
+                             f"use target.runtime= one of: {', '.join(RUNTIMES)}")
+    module, cls = RUNTIMES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def supports(target_cfg: Any, capability: str) -> bool:
+    """Plan-time question a stage asks: does this target's runtime have `capability` (targets/base.py)?"""
+    return runtime_class(target_cfg).supports(capability)
+
+
+def require(target_cfg: Any, stage: str, needed: str, options: dict[str, str] | None = None) -> None:
+    """Plan time: the target's runtime has capability `needed`, and every capability an option the user
+    set needs ({"max_drop=0.01": QUANTIZE_ACCURACY_CONTROL}); otherwise a clear error naming who has it."""
+    runtime = runtime_class(target_cfg)
+
+    def able(cap: str) -> str:
+        return ", ".join(n for n, cls in load_runtimes().items() if cls.supports(cap)) or "none yet"
+
+    if not runtime.supports(needed):
+        raise EdgebuildError(f"{stage}: target {target_cfg.name!r} runs {target_cfg.runtime}, which has no {needed!r}",
+                             f"use a target whose runtime has it (target.runtime: {able(needed)}), or remove the stage")
+    for option, cap in (options or {}).items():
+        if not runtime.supports(cap):
+            raise EdgebuildError(f"{stage}: {option} is not supported by target {target_cfg.name!r} "
+                                 f"(runtime {target_cfg.runtime})",
+                                 f"drop the option, or use a target whose runtime has it ({able(cap)})")
+
+
+def load_runtimes() -> dict[str, Any]:
+    """Every registered runtime class by name (importing them registers their formats as artifact kinds)."""
+    out = {}
+    for name, ref in RUNTIMES.items():
+        module, cls = ref.split(":")
+        out[name] = getattr(importlib.import_module(module), cls)
+    return out
+
+
+def formats() -> dict[str, Any]:
+    """{format: runtime class} over the registered runtimes (the first runtime declaring a format writes it)."""
+    out: dict[str, Any] = {}
+    for cls in load_runtimes().values():
+        out.setdefault(cls.format, cls)
+    return out
+
+
 class Target:
     def __init__(self, cfg: Any):
-        if cfg.runtime not in RUNTIMES:
-            raise EdgebuildError(f"unknown runtime {cfg.runtime!r} in target {cfg.name!r}",
-                                 f"use target.runtime= one of: {', '.join(RUNTIMES)}")
-        module, cls = RUNTIMES[cfg.runtime].split(":")
         self.cfg = cfg
-        self.runtime = getattr(importlib.import_module(module), cls)(cfg)
+        self.runtime = runtime_class(cfg)(cfg)
         self._device: str | None = None
 
     @property
     def format(self) -> str:
         return self.runtime.format
+
+    def supports(self, capability: str) -> bool:
+        return self.runtime.supports(capability)
 
     @property
     def device(self) -> str:

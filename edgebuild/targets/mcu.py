@@ -158,7 +158,10 @@ def estimate(xml_path: Any, input_shape: list[int], options: dict[str, Any]) -> 
 
 
 class MCURuntime(OpenVINORuntime):
-    """Runs accuracy and latency on OpenVINO CPU as a stand-in; adds the MCU memory estimates."""
+    """Runs accuracy and latency on OpenVINO CPU as a stand-in; adds the MCU memory estimates. Its format
+    and capabilities are OpenVINO's: what an OpenVINO target can build (quantize, qat, fp16), mcu can."""
+
+    name = "mcu"
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)

@@ -1,22 +1,33 @@
-"""ONNX Runtime (CPU execution provider): ONNX deployables, fixed thread count, spinning off."""
+"""ONNX Runtime (CPU execution provider): ONNX deployables, fixed thread count, spinning off.
+Quantization is ORT's `quantize_static` to QDQ ONNX."""
 
 from __future__ import annotations
 
-import time
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgebuild.artifact import ONNX_FILE, Artifact
+from edgebuild.artifact import Artifact
 from edgebuild.errors import EdgebuildError
+from edgebuild.targets import base
+from edgebuild.targets.base import Quantized, QuantizeRequest, Runtime, Session
+
+ONNX_FILE = "model.onnx"
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+                 "MatMulInteger", "DynamicQuantizeLinear")
+COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
-class ONNXRuntime:
+class ONNXRuntime(Runtime):
+    name = "onnxruntime"
     format = "onnx"
-
-    def __init__(self, cfg: Any):
-        self.cfg = cfg
+    files = (ONNX_FILE,)
+    suffixes = (".onnx", ".data")
+    capabilities = frozenset({base.QUANTIZE, base.EXPORT})
+    precisions = ("fp32",)
 
     def available_devices(self) -> list[str]:
         import onnxruntime as ort
@@ -26,14 +37,72 @@ class ONNXRuntime:
     def deployable(self, artifact: Artifact, folder: Path, output_names: list[str]) -> Artifact:
         from edgebuild.convert import artifact_to_onnx
 
-        if artifact.kind == "onnx":
+        if artifact.kind == self.format:
             files = [f for f in artifact.files if f.endswith((".onnx", ".onnx.data"))]
-            return Artifact("onnx", artifact.root, files, meta=artifact.meta)
+            return Artifact(self.format, artifact.root, files, meta=artifact.meta)
         if artifact.kind != "torch":
             raise EdgebuildError(f"target {self.cfg.name!r} runs ONNX models; this stage produced {artifact.kind}",
-                                 "use an OpenVINO target for OpenVINO IRs, or export to ONNX")
+                                 "use a target whose runtime reads that format, or export to ONNX")
         artifact_to_onnx(artifact, folder, output_names)
-        return Artifact("onnx", folder, [ONNX_FILE], meta={**artifact.meta, "format": "onnx"})
+        return Artifact(self.format, folder, [ONNX_FILE], meta={**artifact.meta, "format": "onnx"})
+
+    def export(self, source: Artifact, folder: Path, output_names: list[str], dynamic_batch: bool,
+               opset: int) -> list[str]:
+        from edgebuild.convert import torch_to_onnx
+
+        torch_to_onnx(source.load_torch(), source.meta["input_shape"], folder / ONNX_FILE, output_names,
+                      dynamic_batch=dynamic_batch, opset=opset)
+        return [ONNX_FILE]
+
+    def quantize(self, source: Artifact, request: QuantizeRequest, workdir: Path, scratch: Path) -> Quantized:
+        """QDQ ONNX from quantize_static over the calibration set."""
+        import onnx
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            QuantFormat,
+            QuantType,
+            quant_pre_process,
+            quantize_static,
+        )
+
+        from edgebuild.convert import torch_to_onnx
+
+        if source.kind == "torch":
+            onnx_path = torch_to_onnx(source.load_torch(), source.meta["input_shape"], scratch / ONNX_FILE,
+                                      request.output_names)
+        elif source.kind == self.format:
+            onnx_path = source.main_file
+        else:
+            raise EdgebuildError(f"quantize for target {self.cfg.name!r} (ONNX Runtime) needs a torch or ONNX "
+                                 f"model; its input is an {source.kind} artifact",
+                                 "set the stage's input to a torch stage (train, prune, ...) or an ONNX export")
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+        if any(n.op_type in QUANTIZED_OPS for n in graph.node):
+            raise base.already_quantized(source)
+        if onnx_path.parent != scratch:
+            shutil.copy2(onnx_path, scratch / ONNX_FILE)
+        float_model = Artifact(self.format, scratch, [ONNX_FILE], source.meta)
+        prepared = scratch / "prepared.onnx"
+        quant_pre_process(str(scratch / ONNX_FILE), str(prepared))  # shape inference + graph cleanup, as ORT advises
+        input_name = graph.input[0].name
+        calibration = request.calibration
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.items = iter([{input_name: x[None]} for x in calibration])
+
+            def get_next(self) -> dict[str, np.ndarray] | None:
+                return next(self.items, None)
+
+        activations = QuantType.QInt8 if request.symmetric else QuantType.QUInt8
+        ignored = base.select_layers([n.name for n in graph.node], request.ignored_names, request.ignored_patterns)
+        quantize_static(str(prepared), str(workdir / ONNX_FILE), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=request.per_channel, activation_type=activations, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=ignored,
+                        extra_options={"ActivationSymmetric": request.symmetric, "WeightSymmetric": True})
+        prepared.unlink()
+        meta = {**request.meta, "formats": [self.format]}
+        return Quantized(Artifact(self.format, workdir, [ONNX_FILE], meta), float_model, [])
 
     def compile(self, artifact: Artifact, device: str, batch: int) -> ONNXSession:
         import onnxruntime as ort
@@ -46,37 +115,31 @@ class ONNXRuntime:
         for k, v in dict(self.cfg.options or {}).items():
             opts.add_session_config_entry(str(k), str(v))
         providers = ["CUDAExecutionProvider"] if device == "GPU" else ["CPUExecutionProvider"]
-        return ONNXSession(ort.InferenceSession(str(artifact.main_file), opts, providers=providers))
+        path = artifact.main_file
+        return ONNXSession(ort.InferenceSession(str(path), opts, providers=providers), path)
 
 
-class ONNXSession:
-    def __init__(self, session: Any):
+class ONNXSession(Session):
+    def __init__(self, session: Any, path: Path):
         self.session = session
+        self.path = path  # what runtime_info reads: ORT has no public view of the graph it runs
         self.input_name = session.get_inputs()[0].name
 
     def infer(self, x: np.ndarray) -> list[np.ndarray]:
         return list(self.session.run(None, {self.input_name: x}))
 
-    def bench(self, x: np.ndarray, warmup: int, iterations: int, min_seconds: float) -> np.ndarray:
-        feed = {self.input_name: x}
-        for _ in range(warmup):
-            self.session.run(None, feed)
-        times = []
-        start = time.perf_counter()
-        while len(times) < iterations or time.perf_counter() - start < min_seconds:
-            t0 = time.perf_counter_ns()
-            self.session.run(None, feed)
-            times.append((time.perf_counter_ns() - t0) / 1e6)
-        return np.asarray(times)
+    def bind(self, x: np.ndarray) -> Callable[[], Any]:
+        run, feed = self.session.run, {self.input_name: x}
+        return lambda: run(None, feed)
 
-    def runtime_info(self) -> dict[str, Any]:
+    def _graph(self) -> Any:
         import onnx
 
+        return onnx.load(str(self.path), load_external_data=False).graph
+
+    def runtime_info(self) -> dict[str, Any]:
         # QDQ / integer ops in the graph are what ORT's CPU EP fuses into INT8 kernels
-        path = getattr(self.session, "_model_path", None)
-        graph = onnx.load(path, load_external_data=False).graph if path else None
-        if graph is None:
-            return {"runtime/precision": "f32", "int8/ops_fraction": 0.0}
+        graph = self._graph()
         ops = [n.op_type for n in graph.node]
         compute = [o for o in ops if o in ("Conv", "Gemm", "MatMul", "QLinearConv", "QLinearMatMul", "ConvInteger",
                                            "MatMulInteger")]
@@ -89,3 +152,9 @@ class ONNXSession:
             frac = min(1.0, fed / len(compute))
         return {"runtime/precision": "int8" if frac > 0 else "f32", "int8/ops_fraction": frac,
                 "runtime/compute_ops": len(compute)}
+
+    def float_layers(self) -> list[str]:
+        """QDQ: compute nodes not fed by a DequantizeLinear."""
+        graph = self._graph()
+        dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        return [n.name for n in graph.node if n.op_type in COMPUTE_OPS and not any(i in dequantized for i in n.input)]

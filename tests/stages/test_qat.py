@@ -8,7 +8,7 @@ import pytest
 
 from edgebuild import testing
 from edgebuild.errors import EdgebuildError
-from edgebuild.stages.quantize import is_quantized_openvino
+from edgebuild.targets.openvino import is_quantized as is_quantized_openvino
 from tests.conftest import FAST
 
 

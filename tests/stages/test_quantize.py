@@ -11,7 +11,7 @@ import pytest
 
 from edgebuild import testing
 from edgebuild.errors import EdgebuildError
-from edgebuild.stages.quantize import is_quantized_openvino
+from edgebuild.targets.openvino import is_quantized as is_quantized_openvino
 from tests.conftest import FAST, run_cli
 
 STAGES = ["+stages.quantize={kind: quantize}", "+stages.fp16={kind: fp16, input: train}",
@@ -110,9 +110,9 @@ def test_onnxruntime_target_gives_qdq_onnx_measured_on_ort(cache):
     pytest.param(["+stages.q={kind: quantize, max_drop: 5}"], "max_drop=5", id="drop-not-a-fraction"),
     pytest.param(["+stages.q={kind: quantize, ignored_patterns: ['(']}"], "is not a regex", id="bad-regex"),
     pytest.param(["target=onnxruntime", "+stages.q={kind: quantize, max_drop: 0.01}"],
-                 "max_drop=0.01 is an OpenVINO/NNCF option", id="ort-openvino-only-option"),
-    pytest.param(["target=onnxruntime", "+stages.q={kind: fp16}"], "fp16 writes OpenVINO IRs", id="ort-fp16"),
-    pytest.param(["target=onnxruntime", "+stages.q={kind: qat}"], "qat exports an INT8 OpenVINO IR", id="ort-qat"),
+                 "quantize: max_drop=0.01 is not supported by target 'onnxruntime'", id="ort-openvino-only-option"),
+    pytest.param(["target=onnxruntime", "+stages.q={kind: fp16}"], "fp16: target 'onnxruntime' runs onnxruntime, which has no 'weights.fp16'", id="ort-fp16"),
+    pytest.param(["target=onnxruntime", "+stages.q={kind: qat}"], "qat: target 'onnxruntime' runs onnxruntime, which has no 'qat'", id="ort-qat"),
     pytest.param(["target=vpu", "target.require_device=true", "+stages.q={kind: quantize}"],
                  "requires device NPU", id="require-absent-npu"),
 ])

@@ -1,0 +1,37 @@
+"""The deploy/ folder: the final deployable's files plus model.json, runnable without edgebuild."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from edgebuild import __version__
+
+
+def model_json(deployable: Any, metrics: dict[str, Any], target: Any, recipe: str, stage: str) -> dict[str, Any]:
+    """What a user needs to feed the model: format and files, input, preprocessing, outputs, and what ran."""
+    meta = deployable.meta
+    return {
+        "format": deployable.kind, "files": deployable.files, "input_name": "input",
+        "input_shape": meta["input_shape"], "layout": meta.get("layout", "NCHW"),
+        "preprocess": {"scale": meta.get("scale", 255.0), "mean": meta.get("mean"), "std": meta.get("std"),
+                       "formula": "x = (pixels / scale - mean) / std, per channel"},
+        "class_names": meta.get("class_names"), "task": meta.get("task"), "outputs": meta.get("outputs"),
+        "postprocess": meta.get("postprocess"), "precision": metrics.get("runtime/precision"),
+        "target": target.describe(), "recipe": recipe, "stage": stage, "edgebuild_version": __version__,
+        **{k: v for k, v in meta.items() if k.startswith("deploy_")},  # stage-specific (quantization, cascade...)
+    }
+
+
+def write(deployable: Any, metrics: dict[str, Any], out: Path, target: Any, recipe: str, stage: str) -> Path:
+    """Replace `out` with the deployable's files and its model.json."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for f in deployable.files:
+        shutil.copy2(deployable.root / f, out / f)
+    spec = model_json(deployable, metrics, target, recipe, stage)
+    (out / "model.json").write_text(json.dumps(spec, indent=2, default=str))
+    return out
