@@ -1,6 +1,8 @@
 """Issue 19: one epoch of edgebuild's training path vs a plain PyTorch loop, measured interleaved in one process.
 
     python benchmarks/training.py [--limit 10000] [--rounds 3] [--epochs 1] [--precision 32-true,bf16-mixed]
+    python benchmarks/training.py --variants        # plain loop: channels_last and torch.compile vs eager
+    python benchmarks/training.py --presets --epochs 3 --limit 20000   # held-out top-1 per preset vs the script
 
 Same data (the first --limit images of ../shared/data/cifar10-train.tar.gz as edgebuild's imagefolder source
 takes them, split 0.05/0.05 by seed), same model (MobileNetV2-0.5, stride-1 stem), batch 128, AdamW 3e-3, the
@@ -43,7 +45,8 @@ def make_model():
     return m
 
 
-def plain_epoch(x, y, bs: int, epochs: int, augment: bool, precision: str) -> float:
+def plain_epoch(x, y, bs: int, epochs: int, augment: bool, precision: str, channels_last: bool = False,
+                compiled: bool = False) -> float:
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -51,6 +54,10 @@ def plain_epoch(x, y, bs: int, epochs: int, augment: bool, precision: str) -> fl
     torch.manual_seed(0)
     m = make_model()
     opt = torch.optim.AdamW(m.parameters(), 3e-3, weight_decay=1e-4)
+    if channels_last:
+        m = m.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    step_model = torch.compile(m) if compiled else m
     bf16 = precision.startswith("bf16")
     t = time.perf_counter()
     m.train()
@@ -64,7 +71,7 @@ def plain_epoch(x, y, bs: int, epochs: int, augment: bool, precision: str) -> fl
                 dx, dy = np.random.randint(0, 9, 2)
                 xb = pad[:, :, dy:dy + 32, dx:dx + 32]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = F.cross_entropy(m(xb), y[i:i + bs])
+                loss = F.cross_entropy(step_model(xb), y[i:i + bs])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -124,6 +131,93 @@ def breakdown(dm, bs: int) -> list[tuple[str, float]]:
     return rows
 
 
+def variants(x, y, bs: int, rounds: int) -> None:
+    """The plain loop in eager NCHW, channels_last and torch.compile, interleaved; adopted only if faster."""
+    names = {"eager": {}, "channels_last": {"channels_last": True}, "torch.compile": {"compiled": True}}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n, kw in names.items():
+            times[n].append(plain_epoch(x, y, bs, 1, True, "32-true", **kw))
+            print(f"round {r + 1} {n}: {times[n][-1]:.1f} s/epoch, load {os.getloadavg()[0]:.2f}", flush=True)
+    base = statistics.median(times["eager"])
+    print("\n| plain loop variant | s/epoch (median) | vs eager | rounds |\n|---|---|---|---|")
+    for n, t in times.items():
+        print(f"| {n} | {statistics.median(t):.1f} | x{statistics.median(t) / base:.2f} | {len(t)} |")
+
+
+def script_top1(x, y, xt, yt, bs: int, epochs: int) -> tuple[float, float]:
+    """The issue's hand-written script: SGD + Nesterov, OneCycle to 0.1, flip only, no validation; returns
+    (held-out top-1, seconds)."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    m = make_model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    steps = epochs * (len(x) // bs)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps)
+    t = time.perf_counter()
+    for _ in range(epochs):
+        m.train()
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x) - bs + 1, bs):
+            idx = perm[i:i + bs]
+            xb = x[idx]
+            flip = torch.rand(len(xb)) < 0.5
+            xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)
+            loss = F.cross_entropy(m(xb), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    seconds = time.perf_counter() - t
+    return held_out_top1(m, xt, yt), seconds
+
+
+def held_out_top1(m, xt, yt) -> float:
+    import torch
+
+    m.eval()
+    with torch.no_grad():
+        pred = torch.cat([m(xt[i:i + 500]).argmax(1) for i in range(0, len(xt), 500)])
+    return float((pred == yt).float().mean())
+
+
+def presets(cfg, dm, task, x, y, bs: int, epochs: int) -> None:
+    """Held-out (test split) top-1 in equal epochs: edgebuild's default, its sgd_onecycle preset, the script."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from edgebuild.finetune import fit
+    from edgebuild.stages.train import Train
+
+    te = dm.splits["test"]
+    mean = torch.tensor(list(cfg.data.mean)).view(1, -1, 1, 1)
+    std = torch.tensor(list(cfg.data.std)).view(1, -1, 1, 1)
+    xt, yt = (torch.from_numpy(te.images).float() / 255 - mean) / std, torch.from_numpy(te.labels)
+    rows = []
+    for label, optimizer, augment in (("edgebuild default (AdamW 3e-3, cosine), flip + crop", None, True),
+                                      ("edgebuild sgd_onecycle, flip + crop", "sgd_onecycle", True),
+                                      ("edgebuild sgd_onecycle, flip only", "sgd_onecycle", "flip")):
+        c = cfg.copy()
+        OmegaConf.update(c, "data.augment", True)
+        OmegaConf.update(c, "data.augment_pad", 0 if augment == "flip" else None)
+        d = task.datamodule(c.data, Path(c.cache.dir))
+        stage = Train(epochs=epochs) if optimizer is None else Train(epochs=epochs, optimizer=optimizer)
+        with tempfile.TemporaryDirectory() as tmp:
+            ctx = SimpleNamespace(cfg=c, data=d, task=task, workdir=Path(tmp), seed=0, logger=None)
+            model, metrics = fit(make_model(), ctx, stage, name="train")
+        rows.append((label, held_out_top1(model, xt, yt), metrics["train/seconds"], os.getloadavg()[0]))
+        print(rows[-1], flush=True)
+    top1, seconds = script_top1(x, y, xt, yt, bs, epochs)
+    rows.append(("hand-written script (SGD nesterov, OneCycle 0.1, flip only, no validation)", top1, seconds,
+                 os.getloadavg()[0]))
+    print(f"\n{epochs} epochs, {len(y)} training images, {len(yt)} held-out test images\n")
+    print("| recipe | held-out top-1 | vs script | train s | load |\n|---|---|---|---|---|")
+    for label, t1, sec, load in rows:
+        print(f"| {label} | {t1:.4f} | {100 * (t1 - rows[-1][1]):+.1f} pp | {sec:.0f} | {load:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(DATA))
@@ -133,6 +227,8 @@ def main() -> None:
     ap.add_argument("--precision", default="32-true", help="comma-separated trainer.precision values")
     ap.add_argument("--augment", default="on,off", help="on,off | on | off")
     ap.add_argument("--breakdown", action="store_true")
+    ap.add_argument("--variants", action="store_true", help="channels_last / torch.compile of the plain loop")
+    ap.add_argument("--presets", action="store_true", help="held-out top-1 per optimizer preset vs the script")
     args = ap.parse_args()
 
     import torch
@@ -170,6 +266,10 @@ def main() -> None:
     bs = int(cfg.data.batch_size)
     print(f"{len(y)} training images, batch {bs}, {threads} threads, {cpu_model()}, "
           f"load {os.getloadavg()[0]:.2f} at start")
+    if args.variants:
+        return variants(x, y, bs, args.rounds)
+    if args.presets:
+        return presets(cfg, dm, task, x, y, bs, args.epochs)
     loads = []
     for r in range(args.rounds):
         for aug in augments:
