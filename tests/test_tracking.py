@@ -85,7 +85,8 @@ def test_pyfunc_of_an_onnx_deployable_runs_it_with_onnxruntime(tmp_path):
     deploy = Path(s["deploy"])
     spec = json.loads((deploy / "model.json").read_text())
     assert spec["format"] == "onnx" and spec["files"] == ["model.onnx"]
-    raw = DataModule(testing.compose(testing.shrink(tmp_path) + ["data=synthetic"]).data, tmp_path / "cache").splits["test"]
+    data_cfg = testing.compose(testing.shrink(tmp_path) + ["data=synthetic"]).data
+    raw = DataModule(data_cfg, tmp_path / "cache").splits["test"]
     pre = spec["preprocess"]
     x = ((raw.images / pre["scale"] - np.reshape(pre["mean"], (1, -1, 1, 1))) / np.reshape(pre["std"], (1, -1, 1, 1))
          ).astype(np.float32)

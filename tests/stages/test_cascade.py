@@ -35,7 +35,8 @@ def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cascade")
     # max_drop_pp=100: the fastest (lowest) threshold operates, 0.32: about the median confidence of this barely
     # trained small model (0.26 to 0.41 over 4 classes), so some answers escalate and some do not
-    operating = ["stages.cascade.max_drop_pp=100", "stages.cascade.thresholds=[0.32,0.5,0.7,0.8,0.9,0.95,0.98,0.99,0.999]"]
+    operating = ["stages.cascade.max_drop_pp=100",
+                 "stages.cascade.thresholds=[0.32,0.5,0.7,0.8,0.9,0.95,0.98,0.99,0.999]"]
     return tmp, testing.build(testing.shrink(tmp, tracking=True) + QUICK + operating, tmp, recipe="cascade")
 
 
