@@ -246,7 +246,7 @@ def _requirements(runtime: str, spec: dict[str, Any]) -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     cascade = spec.get("deploy_cascade") or {}
-    resizes = cascade and list(cascade["big_input_shape"][2:]) != list(spec["input_shape"][2:])
+    resizes = bool(cascade) and list(cascade["big_input_shape"][2:]) != list(spec["input_shape"][2:])
     out = []
     for name in ("mlflow", "numpy", runtime, *(["torch"] if resizes else [])):  # torch: the pyfunc's resize
         try:

@@ -173,15 +173,19 @@ def test_pyfunc_of_a_detector_returns_the_deployables_raw_heads(built, tmp_path)
     tmp, overrides, s = built
     deploy = Path(s["deploy"])
     spec = json.loads((deploy / "model.json").read_text())
-    tracker = Tracker(testing.compose(testing.shrink(tmp_path, tracking=True)).tracking, "edgebuild/detection-test")
-    with tracker.build("detector", {}, {}):
-        uri = tracker.log_model(deploy)
     _, dm = task_and_data(tmp, overrides)
     x, _ = next(dm.batches("test", 4))
     hint = {"INFERENCE_PRECISION_HINT": spec["target"]["precision_hint"]}
     compiled = ov.Core().compile_model(str(deploy / "model.xml"), "CPU", hint)
     expected = {o.get_any_name(): np.asarray(v) for o, v in compiled(x).items()}
-    got = mlflow.pyfunc.load_model(uri).predict(x)
+    previous = mlflow.get_tracking_uri()  # the tracker points MLflow at this test's store; other tests keep theirs
+    try:
+        tracker = Tracker(testing.compose(testing.shrink(tmp_path, tracking=True)).tracking, "edgebuild/detection")
+        with tracker.build("detector", {}, {}):
+            uri = tracker.log_model(deploy)
+        got = mlflow.pyfunc.load_model(uri).predict(x)
+    finally:
+        mlflow.set_tracking_uri(previous)
     assert set(got) == set(expected) == set(spec["outputs"])
     for name in expected:
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, atol=1e-4, err_msg=name)

@@ -73,7 +73,15 @@ def test_pyfunc_predicts_what_the_deployable_predicts(built):
     assert {"model.xml", "model.bin", "model.json"} <= {p.name for p in local.rglob("*")}
 
 
-def test_pyfunc_of_an_onnx_deployable_runs_it_with_onnxruntime(tmp_path):
+@pytest.fixture
+def own_store():
+    """A test that builds with tracking points MLflow at its own store: give the module's `built` store back."""
+    previous = mlflow.get_tracking_uri()
+    yield
+    mlflow.set_tracking_uri(previous)
+
+
+def test_pyfunc_of_an_onnx_deployable_runs_it_with_onnxruntime(tmp_path, own_store):
     """target=onnxruntime: the logged model holds the ONNX file, pins onnxruntime (not OpenVINO), and gives
     ONNX Runtime's outputs and the build's top-1."""
     import onnxruntime as ort
