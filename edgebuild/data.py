@@ -341,6 +341,11 @@ class DataModule:
             self._splits = splits
         return self._splits
 
+    @property
+    def signature(self) -> str:
+        """What identifies the raw data (its source's signature; the fingerprint adds the data config)."""
+        return self._source.signature
+
     def split_origins(self) -> dict[str, str]:
         """Where each split came from, for the summary: e.g. {"train": "data.yaml train: images/train2017
         (N images)", "val": ..., "test": "split from train by seed 0 (M images)"}."""

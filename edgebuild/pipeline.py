@@ -342,7 +342,7 @@ class Builder:
         """What tracking logs as the runs' dataset input: name, source, fingerprint."""
         root = self.cfg.data.get("root")
         return {"name": self.cfg.data.name, "root": str(Path(str(root)).expanduser()) if root else None,
-                "signature": getattr(getattr(self.data, "_source", None), "signature", None),
+                "signature": self.data.signature,
                 "fingerprint": self.data.fingerprint}
 
     def package(self, name: str) -> Path:

@@ -224,7 +224,7 @@ class Tracker:
             info = Model.log(artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=self.parent_id,
                              python_model=str(PYFUNC_CODE), artifacts={"deploy": str(deploy_dir)},
                              signature=signature,
-                             pip_requirements=_requirements(runtime), registered_model_name=register,
+                             pip_requirements=_requirements(runtime, spec), registered_model_name=register,
                              tags={k: str(v) for k, v in tags.items() if v is not None},
                              model_type="edgebuild-deployable")
         return info.model_uri
@@ -258,11 +258,13 @@ def make_tracker(cfg: Any, experiment: str) -> Tracker | NullTracker:
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")  # loaded by MLflow, never imported by edgebuild
 
 
-def _requirements(runtime: str) -> list[str]:
+def _requirements(runtime: str, spec: dict[str, Any]) -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
+    cascade = spec.get("deploy_cascade") or {}
+    resizes = bool(cascade) and list(cascade["big_input_shape"][2:]) != list(spec["input_shape"][2:])
     out = []
-    for name in ("mlflow", "numpy", runtime):
+    for name in ("mlflow", "numpy", runtime, *(["torch"] if resizes else [])):  # torch: the pyfunc's resize
         try:
             out.append(f"{name}=={version(name)}")
         except PackageNotFoundError:
@@ -272,11 +274,13 @@ def _requirements(runtime: str) -> list[str]:
 
 def _dataset(info: dict[str, Any]) -> Any:
     """An MLflow dataset naming edgebuild's data: a folder source when it has a root, else the code
-    source with the data's signature. Its digest is the data fingerprint, cut to the 36 characters
-    MLflow's store holds (the input's `fingerprint` tag has all of it)."""
+    source with the data's signature. Its digest is the data fingerprint, cut to the length MLflow allows:
+    log_inputs rejects longer digests (mlflow.utils.validation.MAX_DATASET_DIGEST_SIZE, 36 in MLflow 3.17;
+    the SQL store's datasets.digest is VARCHAR(36)). The input's `fingerprint` tag has all of it."""
     from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.utils.validation import MAX_DATASET_DIGEST_SIZE
 
     root = info.get("root")
     if root:
@@ -287,7 +291,7 @@ def _dataset(info: dict[str, Any]) -> Any:
             source = resolve_dataset_source(str(Path(str(root)).expanduser().resolve()))
     else:
         source = CodeDatasetSource({"edgebuild.data": str(info["name"]), "signature": str(info.get("signature"))})
-    return MetaDataset(source, name=str(info["name"]), digest=str(info["fingerprint"])[:36])
+    return MetaDataset(source, name=str(info["name"]), digest=str(info["fingerprint"])[:MAX_DATASET_DIGEST_SIZE])
 
 
 def check_store(conf: Any) -> None:

@@ -96,27 +96,104 @@ def test_deployed_map_equals_the_torch_models(built):
     assert torch_map == pytest.approx(stage(s, "train")["metrics"]["map/50_95"], abs=0.01)
 
 
+def is_nms_outcome(det, reg, logits, anchors, spec):
+    """det is what SSD postprocessing may give from one image's raw outputs, under some order of scores equal
+    within rounding (tests/conftest.py nms_violations over the decoded, clipped candidates)."""
+    from tests.conftest import nms_violations
+
+    h, w = spec["input_shape"][2:]
+    boxes = pp.decode(reg, anchors, tuple(spec["deploy_box_coder_weights"]))
+    boxes[:, 0::2], boxes[:, 1::2] = boxes[:, 0::2].clip(0, w), boxes[:, 1::2].clip(0, h)
+    opts = pp.options(spec)
+    return nms_violations(det, boxes, pp.softmax(logits), score_threshold=opts["score_threshold"],
+                          nms_iou=opts["nms_iou"], top_k=opts["top_k"],
+                          detections_per_image=opts["detections_per_image"], rtol=1e-4, atol=1e-5, box_atol=1e-2)
+
+
+def same_detections(a, b):
+    return a["labels"].tolist() == b["labels"].tolist() and np.allclose(a["scores"], b["scores"], 1e-5, 1e-6) \
+        and np.allclose(a["boxes"], b["boxes"], 1e-4, 1e-3)
+
+
 def test_deployable_runs_without_edgebuild(built):
-    """model.json + the numpy postprocess give the summary's mAP from the IR with plain OpenVINO."""
+    """model.json + the numpy postprocess give the summary's mAP from the IR with plain OpenVINO. Here batch 1,
+    in the build the eval batch: the raw outputs agree to rounding, not bit for bit, so an image's detections
+    may differ only where scores equal within rounding let NMS keep another box: they must still be an NMS
+    outcome of the build's own candidates (nms_violations). Where no image differs, the mAP is the summary's."""
     from torchmetrics.detection import MeanAveragePrecision
+
+    from edgebuild.artifact import Artifact
+    from edgebuild.targets import make_target
 
     tmp, overrides, s = built
     deploy = Path(s["deploy"])
     spec = json.loads((deploy / "model.json").read_text())
     assert spec["task"] == "detection" and spec["deploy_box_coder_weights"] == [10.0, 10.0, 5.0, 5.0]
     assert set(spec["outputs"]) == {"bbox_regression", "cls_logits", "anchors"}
-    _, dm = task_and_data(tmp, overrides)
-    raw = dm.splits["test"]
-    pre = spec["preprocess"]
-    x = ((raw.images / pre["scale"] - np.reshape(pre["mean"], (1, -1, 1, 1))) / np.reshape(pre["std"], (1, -1, 1, 1)))
-    compiled = ov.Core().compile_model(str(deploy / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    metric = MeanAveragePrecision(backend="pycocotools")
-    for i in range(len(x)):
+    task, dm = task_and_data(tmp, overrides)
+    cfg = testing.compose(overrides, recipe="ssd_int8")
+    raw = dm.splits[cfg.eval.split]
+    n = min(len(raw.labels), cfg.eval.limit or len(raw.labels))
+    # the build's measurement, reproduced: edgebuild's session on the target at the eval batch (padded)
+    target, batch = make_target(cfg.target), cfg.eval.batch_size
+    session = target.runtime.compile(Artifact("openvino", deploy, spec["files"], meta=spec), target.device, batch)
+    built_outputs, evaluator = [], task.evaluator(dm.class_names)
+    for x, y in dm.batches(cfg.eval.split, batch, cfg.eval.limit):
+        k = len(x)
+        x = np.concatenate([x, np.zeros((batch - k, *x.shape[1:]), dtype=x.dtype)]) if k < batch else x
+        outs = [np.asarray(o[:k], dtype=np.float32) for o in session.infer(x)]
+        evaluator.update(outs, y)
+        built_outputs += list(zip(*outs, strict=True))
+    assert evaluator.compute()[0]["map/50_95"] == pytest.approx(s["stages"][-1]["metrics"]["map/50_95"], abs=1e-9)
+
+    pre, opts = spec["preprocess"], pp.options(spec)
+    x = (raw.images[:n] / pre["scale"] - np.reshape(pre["mean"], (1, -1, 1, 1))) / np.reshape(pre["std"], (1, -1, 1, 1))
+    hint = {"INFERENCE_PRECISION_HINT": spec["target"]["precision_hint"]}
+    compiled = ov.Core().compile_model(str(deploy / "model.xml"), "CPU", hint)
+    metric, differ = MeanAveragePrecision(backend="pycocotools"), 0
+    for i in range(n):
         reg, logits, anchors = (o[0] for o in compiled(x[i:i + 1].astype(np.float32)).values())
-        det = pp.postprocess(reg, logits, anchors, **pp.options(spec))
+        det = pp.postprocess(reg, logits, anchors, **opts)
+        if not same_detections(det, pp.postprocess(*built_outputs[i], **opts)):
+            differ += 1
+            assert is_nms_outcome(det, *built_outputs[i], spec) == [], f"image {i}: not explained by rounding"
         metric.update([{k: torch.as_tensor(v) for k, v in det.items()}],
                       [{k: torch.as_tensor(v) for k, v in raw.labels[i].items()}])
-    assert float(metric.compute()["map"]) == pytest.approx(s["stages"][-1]["metrics"]["map/50_95"], abs=1e-3)
+    if not differ:
+        assert float(metric.compute()["map"]) == pytest.approx(s["stages"][-1]["metrics"]["map/50_95"], abs=1e-6)
+
+
+def test_pyfunc_of_a_detector_returns_the_deployables_raw_heads(built, tmp_path):
+    """The detection deployable logged as an MLflow model (as a tracked build logs it): load_model gives
+    {output name: array} equal to the IR's outputs, which the numpy postprocess decodes to the same boxes."""
+    import mlflow
+
+    from edgebuild.tracking import Tracker
+
+    tmp, overrides, s = built
+    deploy = Path(s["deploy"])
+    spec = json.loads((deploy / "model.json").read_text())
+    _, dm = task_and_data(tmp, overrides)
+    x, _ = next(dm.batches("test", 4))
+    hint = {"INFERENCE_PRECISION_HINT": spec["target"]["precision_hint"]}
+    compiled = ov.Core().compile_model(str(deploy / "model.xml"), "CPU", hint)
+    expected = {o.get_any_name(): np.asarray(v) for o, v in compiled(x).items()}
+    previous = mlflow.get_tracking_uri()  # the tracker points MLflow at this test's store; other tests keep theirs
+    try:
+        tracker = Tracker(testing.compose(testing.shrink(tmp_path, tracking=True)).tracking, "edgebuild/detection")
+        with tracker.build("detector", {}, {}):
+            uri = tracker.log_model(deploy)
+        got = mlflow.pyfunc.load_model(uri).predict(x)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert set(got) == set(expected) == set(spec["outputs"])
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, atol=1e-4, err_msg=name)
+    opts, heads = pp.options(spec), ("bbox_regression", "cls_logits", "anchors")
+    for i in range(len(x)):
+        det = pp.postprocess(*(got[k][i] for k in heads), **opts)
+        if not same_detections(det, pp.postprocess(*(expected[k][i] for k in heads), **opts)):
+            assert is_nms_outcome(det, *(expected[k][i] for k in heads), spec) == [], f"image {i}"
 
 
 @pytest.mark.parametrize("scale", [1.0, 4.0])

@@ -288,6 +288,25 @@ def test_legacy_folders_keep_their_splits_and_say_where_they_came_from(tmp_path)
     assert origins["val"].startswith("split from train by seed 0 (") and "train" in origins["train"]
 
 
+def test_renaming_classes_in_the_yaml_changes_the_fingerprint_of_the_old_layout(tmp_path):
+    """images/ + labels/ with a yaml that only names the classes: the names are part of the data (a cached
+    model would otherwise keep the old names), even when the rename keeps the yaml's size and mtime."""
+    import os
+
+    root = tmp_path / "legacy"
+    yolo_split(root, "train", ["t0", "t1"])
+    yolo_split(root, "val", ["v0"], shade=200)
+    (root / "data.yaml").write_text("names: [cat]\n")
+    cat = det_data(tmp_path, "data=yolo", f"data.root={root}")
+    stat = (root / "data.yaml").stat()
+    (root / "data.yaml").write_text("names: [dog]\n")
+    os.utime(root / "data.yaml", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    dog = det_data(tmp_path, "data=yolo", f"data.root={root}")
+    assert (cat.class_names, dog.class_names) == (["cat"], ["dog"])
+    assert cat.fingerprint != dog.fingerprint
+    assert det_data(tmp_path, "data=yolo", f"data.root={root}").fingerprint == dog.fingerprint  # stable
+
+
 def test_summary_has_the_data_section(tmp_path):
     summary = {"recipe": "r", "target": "cpu", "stages": [], "budget": {"checks": [], "ok": True},
                "data": {"train": "data.yaml train: images/train2017 (8 images)"}}

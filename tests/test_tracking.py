@@ -73,6 +73,44 @@ def test_pyfunc_predicts_what_the_deployable_predicts(built):
     assert {"model.xml", "model.bin", "model.json"} <= {p.name for p in local.rglob("*")}
 
 
+@pytest.fixture
+def own_store():
+    """A test that builds with tracking points MLflow at its own store: give the module's `built` store back."""
+    previous = mlflow.get_tracking_uri()
+    yield
+    mlflow.set_tracking_uri(previous)
+
+
+def test_pyfunc_of_an_onnx_deployable_runs_it_with_onnxruntime(tmp_path, own_store):
+    """target=onnxruntime: the logged model holds the ONNX file, pins onnxruntime (not OpenVINO), and gives
+    ONNX Runtime's outputs and the build's top-1."""
+    import onnxruntime as ort
+
+    from edgebuild.data import DataModule
+    from tests.conftest import assert_accuracy_matches
+
+    s = testing.build(testing.shrink(tmp_path, tracking=True) + FAST + ["target=onnxruntime"], tmp_path)
+    deploy = Path(s["deploy"])
+    spec = json.loads((deploy / "model.json").read_text())
+    assert spec["format"] == "onnx" and spec["files"] == ["model.onnx"]
+    data_cfg = testing.compose(testing.shrink(tmp_path) + ["data=synthetic"]).data
+    raw = DataModule(data_cfg, tmp_path / "cache").splits["test"]
+    pre = spec["preprocess"]
+    x = ((raw.images / pre["scale"] - np.reshape(pre["mean"], (1, -1, 1, 1))) / np.reshape(pre["std"], (1, -1, 1, 1))
+         ).astype(np.float32)
+    session = ort.InferenceSession(str(deploy / "model.onnx"), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {session.get_inputs()[0].name: x})[0]
+
+    got = mlflow.pyfunc.load_model(s["mlflow_model_uri"]).predict(x)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert_accuracy_matches(got, raw.labels, s["stages"][-1]["metrics"]["acc/top1"])
+    local = Path(mlflow.artifacts.download_artifacts(s["mlflow_model_uri"], dst_path=str(tmp_path / "dl")))
+    names = {p.name for p in local.rglob("*")}
+    assert "model.onnx" in names and "model.xml" not in names
+    requirements = (local / "requirements.txt").read_text()
+    assert "onnxruntime==" in requirements and "openvino" not in requirements
+
+
 def test_register_creates_a_model_version(built):
     _, s = built
     versions = mlflow.MlflowClient().search_model_versions("name='edgebuild-test'")

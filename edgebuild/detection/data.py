@@ -508,7 +508,9 @@ def _annotated_source(cfg: Any, cache_dir: Path, names: list[str], records: list
     split for the summary."""
     if not records:
         raise EdgebuildError(f"no images found under {cfg.root}", f"see the data={cfg.name} layout in the README")
-    sig = hashlib.sha256()
+    # the class names themselves: they may come from a yaml that is not watched (YOLO's images/ + labels/
+    # layout reads only its `names:`), and a rename can keep the file's size and mtime second
+    sig = hashlib.sha256(json.dumps(names).encode() + b"\n")
     for w in watched:
         for p in sorted(w.rglob("*")) if w.is_dir() else [w]:
             if p.is_file():

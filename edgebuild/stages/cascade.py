@@ -8,7 +8,9 @@ medians). The operating threshold is the fastest one within `max_drop_pp` of the
 
 Artifact: the small model's deployable (main file, measured by the pipeline as the small model alone)
 with the big model's files beside it (`big_<file>`), and `meta["deploy_cascade"]` (threshold, rule, big
-model file) so the packaged model.json describes the whole cascade. Report files: cascade.json (the
+model file, input shape and preprocessing) so the packaged model.json describes the whole cascade (the
+MLflow pyfunc of the deployable runs it). Each model is fed the held-out images with its own preprocessing
+(a big model from a user's folder may normalize differently from the data). Report files: cascade.json (the
 curve) and cascade.png (accuracy vs expected latency). Latencies are measured when the stage runs and
 cached with it.
 """
@@ -38,7 +40,7 @@ def is_path(ref: str) -> bool:
 @dataclass
 class Cascade(Stage):
     kind: ClassVar[str] = "cascade"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # 2: each model's own preprocessing, recorded in deploy_cascade
     uses: ClassVar[tuple[str, ...]] = ("data", "task", "target")
     tasks: ClassVar[tuple[str, ...]] = ("classification",)  # confidence = top-1 softmax of class logits
 
@@ -132,19 +134,39 @@ class Cascade(Stage):
             shutil.rmtree(ctx.workdir / f".{role}", ignore_errors=True)
         small = deployables["small"]
         cascade = {"threshold": threshold, "rule": RULE, "big_model": f"big_{Path(deployables['big'].files[0]).name}",
-                   "big_input_shape": deployables["big"].meta["input_shape"]}
+                   "big_input_shape": deployables["big"].meta["input_shape"],
+                   "big_preprocess": preprocess(deployables["big"].meta, ctx.data.meta())}
         return Artifact(small.kind, ctx.workdir, files, meta={**small.meta, "deploy_cascade": cascade})
 
 
+def preprocess(meta: dict[str, Any], data_meta: dict[str, Any]) -> dict[str, Any]:
+    """A model's x = (pixels / scale - mean) / std, from its meta; what its meta leaves out, from the data's."""
+    return {k: meta.get(k) if meta.get(k) is not None else data_meta[k] for k in ("scale", "mean", "std")}
+
+
 def predict(deployable: Artifact, ctx: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Logits of the compiled deployable over the held-out split, at the model's own input size."""
+    """Logits of the compiled deployable over the held-out split, at the model's own input size and with
+    its own preprocessing."""
     from edgebuild.data import for_input
-    from edgebuild.evaluate import load, outputs
+    from edgebuild.evaluate import load
 
     batch = ctx.cfg.eval.batch_size
-    pairs = list(outputs(load(deployable, ctx, batch), batch, for_input(ctx.data, deployable.meta["input_shape"]),
-                         ctx.cfg.eval))
-    return np.concatenate([np.asarray(o[0]) for o, _ in pairs]), np.concatenate([np.asarray(y) for _, y in pairs])
+    session = load(deployable, ctx, batch)
+    data = for_input(ctx.data, deployable.meta["input_shape"])
+    pre = preprocess(deployable.meta, data.meta())
+    scale, mean, std = (np.asarray(v, dtype=np.float32).reshape(1, -1, 1, 1)
+                        for v in ([pre["scale"]], pre["mean"], pre["std"]))
+    split = data.splits[ctx.cfg.eval.split]
+    n_all = min(len(split.labels), ctx.cfg.eval.limit) if ctx.cfg.eval.limit else len(split.labels)
+    outs, ys = [], []
+    for i in range(0, n_all, batch):
+        x = (split.images[i:i + batch].astype(np.float32) / scale - mean) / std  # = data.normalize for its own
+        n = len(x)
+        if n < batch:  # static compiled shape: pad the last batch
+            x = np.concatenate([x, np.zeros((batch - n, *x.shape[1:]), dtype=x.dtype)])
+        outs.append(np.asarray(session.infer(x)[0])[:n])
+        ys.append(np.asarray(split.labels[i:i + batch]))
+    return np.concatenate(outs), np.concatenate(ys)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

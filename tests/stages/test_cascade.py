@@ -33,7 +33,11 @@ def test_curve_on_fixed_predictions():
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cascade")
-    return tmp, testing.build(testing.shrink(tmp, tracking=True) + QUICK, tmp, recipe="cascade")
+    # max_drop_pp=100: the fastest (lowest) threshold operates, 0.32: about the median confidence of this barely
+    # trained small model (0.26 to 0.41 over 4 classes), so some answers escalate and some do not
+    operating = ["stages.cascade.max_drop_pp=100",
+                 "stages.cascade.thresholds=[0.32,0.5,0.7,0.8,0.9,0.95,0.98,0.99,0.999]"]
+    return tmp, testing.build(testing.shrink(tmp, tracking=True) + QUICK + operating, tmp, recipe="cascade")
 
 
 def test_cascade_build_reports_curve_plot_and_bundle(built):
@@ -68,6 +72,57 @@ def test_curve_plot_and_steps_are_in_mlflow(built):
     assert files == {"cascade_curve/cascade.png"}
     steps = runs[runs["tags.mlflow.parentRunId"] == run_id]
     assert len(steps) == 9 and "metrics.cascade/escalated" in steps
+
+
+def test_logged_pyfunc_runs_the_cascade_as_deployed(built):
+    """mlflow.pyfunc.load_model on the cascade build's logged model answers as model.json's cascade does
+    (small model, softmax threshold, big model with its own preprocessing), not as the small model alone;
+    its accuracy is the stage's operating point. Rows whose confidence lies within rounding of the threshold,
+    or whose top-2 logits tie, may go either way between two runs of the same network (batch sizes, CPUs)."""
+    import mlflow
+    import openvino as ov
+
+    from edgebuild.data import DataModule
+    from edgebuild.stages.cascade import softmax
+    from tests.conftest import ambiguous_argmax
+
+    tmp, s = built
+    m = next(st for st in s["stages"] if st["name"] == "cascade")["metrics"]
+    deploy = Path(s["deploy"])
+    spec = json.loads((deploy / "model.json").read_text())
+    cascade = spec["deploy_cascade"]
+    cfg = testing.compose(testing.shrink(tmp) + QUICK, recipe="cascade")
+    raw = DataModule(cfg.data, tmp / "cache").splits[cfg.eval.split]
+
+    def inputs(pre, size):
+        assert size == list(raw.images.shape[2:])  # this recipe: both models at the data's size
+        return ((raw.images.astype(np.float32) / np.float32(pre["scale"]) - np.reshape(pre["mean"], (1, -1, 1, 1))
+                 ) / np.reshape(pre["std"], (1, -1, 1, 1))).astype(np.float32)
+
+    core = ov.Core()
+    x = inputs(spec["preprocess"], spec["input_shape"][2:])
+    small = core.compile_model(str(deploy / spec["files"][0]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x)[0]
+    big = core.compile_model(str(deploy / cascade["big_model"]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(
+        inputs(cascade["big_preprocess"], cascade["big_input_shape"][2:]))[0]
+    confidence = softmax(small.astype(np.float64)).max(1)
+    escalate = confidence < cascade["threshold"]
+    expected = np.where(escalate[:, None], big, small)
+
+    got = mlflow.pyfunc.load_model(s["mlflow_model_uri"]).predict(x)
+    assert got.shape == small.shape
+    edge = np.abs(confidence - cascade["threshold"]) <= 1e-4  # the escalation decision is within rounding
+    sure = ~edge
+    np.testing.assert_allclose(got[sure], expected[sure], rtol=1e-4, atol=1e-4)
+    assert all(np.allclose(g, small[i], 1e-4, 1e-4) or np.allclose(g, big[i], 1e-4, 1e-4)
+               for i, g in enumerate(got))  # every row is one of the two models' answers
+    # the cascade is applied: some rows are escalated and the big model's answer differs there
+    changed = sure & escalate & (big.argmax(1) != small.argmax(1))
+    assert changed.sum() >= 1 and (got.argmax(1)[changed] != small.argmax(1)[changed]).all()
+    assert (sure & ~escalate).sum() >= 1, "the fixture's operating point should keep some of the small model's answers"
+    # and it is what the stage measured at its operating point (up to rows rounding may flip)
+    n, slack = len(x), int((edge | ambiguous_argmax(got)).sum())
+    assert abs(int((got.argmax(1) == raw.labels).sum()) - m["cascade/acc"] * n) <= slack + 1e-6
+    assert abs(int(escalate.sum()) - m["cascade/escalated"] * n) <= int(edge.sum()) + 1e-6
 
 
 @pytest.mark.parametrize("override,message", [
