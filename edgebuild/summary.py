@@ -24,6 +24,8 @@ COLUMNS = [  # (metric, header, format)
     ("size/zip_bytes", "zip B", "{:,.0f}"),
     ("latency/p50_ms", "p50 ms", "{:.3f}"),
     ("latency/p90_ms", "p90 ms", "{:.3f}"),
+    ("latency/interleaved_ms", "interleaved ms", "{:.3f}"),  # all stages timed together at the end
+    ("latency/speedup", "speed-up", "{:.2f}x"),
     ("throughput/fps", "fps", "{:,.0f}"),
     ("memory/flash_bytes", "flash B", "{:,.0f}"),  # target=mcu estimates
     ("memory/peak_ram_bytes", "RAM B", "{:,.0f}"),
