@@ -139,6 +139,7 @@ class Builder:
             "calibration": _plain(cfg.data.calibration),
             "target_format": self.target.format,
             "target": {k: v for k, v in _plain(cfg.target).items() if k not in ("budget", "require_device")},
+            "budget": {"recipe": _plain(cfg.budget), "target": _plain(cfg.target.budget)},  # a stage choosing by it
         }[section]
 
     def stage_key(self, stage: Stage, inputs: list[Artifact]) -> str:
@@ -150,7 +151,8 @@ class Builder:
         target = {k: v for k, v in _plain(self.cfg.target).items() if k not in ("budget", "require_device", "spec")}
         evalc = {k: v for k, v in _plain(self.cfg.eval).items() if k not in ("latency", "profile")}
         return cache_key({"measure": 1, "artifact": artifact.digest, "target": target, "device": self.target.device,
-                          "eval": evalc, "data": self.data.fingerprint, "task": _plain(self.cfg.task)})
+                          "eval": evalc, "data": self.data.fingerprint, "task": _plain(self.cfg.task),
+                          **({"runtime": artifact.meta["runtime"]} if artifact.meta.get("runtime") else {})})
 
     # ---------------------------------------------------------------------------- source
     def source(self) -> Artifact:
@@ -221,7 +223,7 @@ class Builder:
 
         def produce(folder: Path) -> dict[str, Any]:
             t0 = time.perf_counter()
-            metrics, deployable, tables = measure_static(artifact, folder / "deploy", self._measure_ctx())
+            metrics, deployable, tables = measure_static(artifact, folder / "deploy", self._measure_ctx(artifact))
             if deployable.root != folder / "deploy":  # already in the target format: keep a copy beside
                 (folder / "deploy").mkdir(parents=True, exist_ok=True)
                 for f in deployable.files:
@@ -233,9 +235,14 @@ class Builder:
 
         return self.cache.get(key, verify) or self.cache.put(key, produce, f"stage {name!r}'s deployable")
 
-    def _measure_ctx(self) -> Context:
-        return Context(cfg=self.cfg, workdir=self.run_dir, data=self.data, task=self.task, target=self.target,
-                       seed=self.cfg.seed)
+    def target_for(self, artifact: Artifact) -> Any:
+        """The target an artifact is measured on: the build's, unless a stage chose the artifact's runtime
+        (meta "runtime", e.g. a runtime shootout's pick): the same device and threads on that runtime."""
+        return self.target.for_runtime(artifact.meta.get("runtime") or self.target.cfg.runtime)
+
+    def _measure_ctx(self, artifact: Artifact) -> Context:
+        return Context(cfg=self.cfg, workdir=self.run_dir, data=self.data, task=self.task,
+                       target=self.target_for(artifact), seed=self.cfg.seed)
 
     # ------------------------------------------------------------------------------ build
     def build(self) -> dict[str, Any]:
@@ -281,6 +288,7 @@ class Builder:
                     summary["notes"] += [f"{name}: {n}" for n in entry.record.get("notes", [])]
                     summary["stages"].append(summaries.stage_row(name, stage, source, entry, deployable, seconds,
                                                                  metrics))
+                    summary.update(summaries.pick(name, entry.record.get("steps", [])))
                 self.remeasure(summary, runs)
                 deploy_dir = self.package(self.stages[-1][0])
                 summary["deploy"] = str(deploy_dir)
@@ -320,7 +328,7 @@ class Builder:
         metrics: dict[str, Any] = dict(measured.record["metrics"])
         inherit_counts(metrics, input_metrics)
         metrics.update(entry.record["metrics"])
-        ctx = self._measure_ctx()
+        ctx = self._measure_ctx(deployable)
         metrics.update(measure_runtime(deployable, ctx, metrics.get("macs")))
         profile_file, profiled = profile.maybe_run(deployable, ctx, self.run_dir / "profile" / f"{name}.json")
         metrics.update(profiled)
@@ -351,8 +359,9 @@ class Builder:
         if not (cfg.enabled and cfg.rounds):
             return
         names = [name for name, _, _ in self.stages]
-        results, medians = interleaved_latency([self.deployable(n) for n in names],
-                                               [self._measure_ctx()] * len(names), int(cfg.rounds))
+        deployables = [self.deployable(n) for n in names]
+        results, medians = interleaved_latency(deployables, [self._measure_ctx(d) for d in deployables],
+                                               int(cfg.rounds))
         for name, extra in zip(names, results, strict=True):
             self.measured[name].update(extra)  # the same dict as the stage's summary row
             runs[name].record(extra)
@@ -373,7 +382,8 @@ class Builder:
         """The final deployable: model files plus model.json, runnable without edgebuild."""
         from edgebuild import package
 
-        return package.write(self.deployable(name), self.measured[name], self.run_dir / "deploy", self.target,
+        deployable = self.deployable(name)
+        return package.write(deployable, self.measured[name], self.run_dir / "deploy", self.target_for(deployable),
                              self.recipe, name)
 
 
