@@ -126,6 +126,7 @@ class Builder:
         self.artifacts: dict[str, Artifact] = {}
         self.measured: dict[str, dict[str, Any]] = {}
         self.measure_entries: dict[str, Entry] = {}
+        self._targets: dict[str, Any] = {}  # the build's target on each runtime an artifact names (target_for)
 
     # ------------------------------------------------------------------------------- keys
     def _uses(self, section: str) -> Any:
@@ -238,7 +239,10 @@ class Builder:
     def target_for(self, artifact: Artifact) -> Any:
         """The target an artifact is measured on: the build's, unless a stage chose the artifact's runtime
         (meta "runtime", e.g. a runtime shootout's pick): the same device and threads on that runtime."""
-        return self.target.for_runtime(artifact.meta.get("runtime") or self.target.cfg.runtime)
+        name = artifact.meta.get("runtime") or self.target.cfg.runtime
+        if name not in self._targets:  # one Target per runtime: its device lookup imports and queries the runtime
+            self._targets[name] = self.target.for_runtime(name)
+        return self._targets[name]
 
     def _measure_ctx(self, artifact: Artifact) -> Context:
         return Context(cfg=self.cfg, workdir=self.run_dir, data=self.data, task=self.task,
