@@ -192,6 +192,9 @@ class LatencyConf:
     warmup: int = bounded(20, ge=0)
     iterations: int = bounded(200, ge=1)
     min_seconds: float = bounded(0.5, ge=0)  # keep iterating until this much time is spent
+    # at the end of the build every stage's deployable is timed again, interleaved in this many rounds in
+    # one process (latency/interleaved_ms, latency/speedup): stage-to-stage ratios under the same load; 0: off
+    rounds: int = bounded(5, ge=0)
 
 
 @dataclass

@@ -138,13 +138,29 @@ def interleaved(sessions: list[Any], shapes: list[list[int]], cfg: Any, rounds: 
     return medians
 
 
-def latency(session: Any, input_shape: list[int], cfg: Any) -> dict[str, float]:
-    """Latency of a freshly compiled session: the first inference apart (`latency/first_ms`: lazy
-    allocations, kernel selection), then warm-up and the timed loop."""
-    call = session.bind(sample_input(input_shape))
+def interleaved_latency(deployables: list[Any], ctxs: list[Any], rounds: int) -> tuple[list[dict[str, float]],
+                                                                                      list[list[float]]]:
+    """Deployables compiled at batch 1 together and timed by `interleaved` in `rounds`: per deployable
+    `latency/interleaved_ms` (median of its round medians) and `latency/speedup` (the first one's over
+    its own), plus the per-round medians. Minutes apart, a shared machine's load swings more than the
+    gap between two stages; interleaved, every deployable sees the same load."""
+    sessions = [load(d, c, 1) for d, c in zip(deployables, ctxs, strict=True)]
+    medians = interleaved(sessions, [d.meta["input_shape"] for d in deployables], ctxs[0].cfg.eval.latency, rounds)
+    p50 = [float(np.median(m)) for m in medians]
+    return [{"latency/interleaved_ms": v, "latency/speedup": p50[0] / v} for v in p50], medians
+
+
+def first_call_ms(call: Any) -> float:
+    """The first inference of a fresh session, apart (`latency/first_ms`: lazy allocations, kernel selection)."""
     t0 = time.perf_counter_ns()
     call()
-    first_ms = (time.perf_counter_ns() - t0) / 1e6
+    return (time.perf_counter_ns() - t0) / 1e6
+
+
+def latency(session: Any, input_shape: list[int], cfg: Any) -> dict[str, float]:
+    """Latency of a freshly compiled session: the first inference apart, then warm-up and the timed loop."""
+    call = session.bind(sample_input(input_shape))
+    first_ms = first_call_ms(call)
     times = time_calls(call, cfg.warmup, cfg.iterations, cfg.min_seconds)
     return {
         "latency/first_ms": first_ms,
@@ -180,6 +196,8 @@ def measure_runtime(deployable: Any, ctx: Any, macs: float | None) -> dict[str, 
         metrics.update(latency(session, deployable.meta["input_shape"], ctx.cfg.eval.latency))
         if hasattr(ctx.task, "runtime_metrics"):  # work outside the network (detection: decode + NMS), timed apart
             metrics.update(ctx.task.runtime_metrics(session, ctx.data, ctx.cfg.eval))
+    else:  # one inference even then: load and first call are what a deployment pays at start-up
+        metrics["latency/first_ms"] = first_call_ms(session.bind(sample_input(deployable.meta["input_shape"])))
     metrics["latency/threads"] = int(target.cfg.threads)
     metrics["latency/device"] = target.device
     if target.is_proxy:

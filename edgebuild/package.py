@@ -19,7 +19,8 @@ def model_json(deployable: Any, metrics: dict[str, Any], target: Any, recipe: st
         "preprocess": {"scale": meta.get("scale", 255.0), "mean": meta.get("mean"), "std": meta.get("std"),
                        "formula": "x = (pixels / scale - mean) / std, per channel"},
         "class_names": meta.get("class_names"), "task": meta.get("task"), "outputs": meta.get("outputs"),
-        "postprocess": meta.get("postprocess"), "precision": metrics.get("runtime/precision"),
+        "postprocess": meta.get("postprocess"), "runtime": target.runtime.name,
+        "precision": metrics.get("runtime/precision"),
         "target": target.describe(), "recipe": recipe, "stage": stage, "edgebuild_version": __version__,
         **{k: v for k, v in meta.items() if k.startswith("deploy_")},  # stage-specific (quantization, cascade...)
     }

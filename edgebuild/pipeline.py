@@ -127,6 +127,7 @@ class Builder:
         self.artifacts: dict[str, Artifact] = {}
         self.measured: dict[str, dict[str, Any]] = {}
         self.measure_entries: dict[str, Entry] = {}
+        self._targets: dict[str, Any] = {}  # the build's target on each runtime an artifact names (target_for)
 
     # ------------------------------------------------------------------------------- keys
     def _uses(self, section: str) -> Any:
@@ -140,6 +141,7 @@ class Builder:
             "calibration": _plain(cfg.data.calibration),
             "target_format": self.target.format,
             "target": {k: v for k, v in _plain(cfg.target).items() if k not in ("budget", "require_device")},
+            "budget": {"recipe": _plain(cfg.budget), "target": _plain(cfg.target.budget)},  # a stage choosing by it
         }[section]
 
     def stage_key(self, stage: Stage, inputs: list[Artifact]) -> str:
@@ -151,7 +153,8 @@ class Builder:
         target = {k: v for k, v in _plain(self.cfg.target).items() if k not in ("budget", "require_device", "spec")}
         evalc = {k: v for k, v in _plain(self.cfg.eval).items() if k not in ("latency", "profile")}
         return cache_key({"measure": 1, "artifact": artifact.digest, "target": target, "device": self.target.device,
-                          "eval": evalc, "data": self.data.fingerprint, "task": _plain(self.cfg.task)})
+                          "eval": evalc, "data": self.data.fingerprint, "task": _plain(self.cfg.task),
+                          **({"runtime": artifact.meta["runtime"]} if artifact.meta.get("runtime") else {})})
 
     # ---------------------------------------------------------------------------- source
     def source(self) -> Artifact:
@@ -222,7 +225,7 @@ class Builder:
 
         def produce(folder: Path) -> dict[str, Any]:
             t0 = time.perf_counter()
-            metrics, deployable, tables = measure_static(artifact, folder / "deploy", self._measure_ctx())
+            metrics, deployable, tables = measure_static(artifact, folder / "deploy", self._measure_ctx(artifact))
             if deployable.root != folder / "deploy":  # already in the target format: keep a copy beside
                 (folder / "deploy").mkdir(parents=True, exist_ok=True)
                 for f in deployable.files:
@@ -234,9 +237,17 @@ class Builder:
 
         return self.cache.get(key, verify) or self.cache.put(key, produce, f"stage {name!r}'s deployable")
 
-    def _measure_ctx(self) -> Context:
-        return Context(cfg=self.cfg, workdir=self.run_dir, data=self.data, task=self.task, target=self.target,
-                       seed=self.cfg.seed)
+    def target_for(self, artifact: Artifact) -> Any:
+        """The target an artifact is measured on: the build's, unless a stage chose the artifact's runtime
+        (meta "runtime", e.g. a runtime shootout's pick): the same device and threads on that runtime."""
+        name = artifact.meta.get("runtime") or self.target.cfg.runtime
+        if name not in self._targets:  # one Target per runtime: its device lookup imports and queries the runtime
+            self._targets[name] = self.target.for_runtime(name)
+        return self._targets[name]
+
+    def _measure_ctx(self, artifact: Artifact) -> Context:
+        return Context(cfg=self.cfg, workdir=self.run_dir, data=self.data, task=self.task,
+                       target=self.target_for(artifact), seed=self.cfg.seed)
 
     # ------------------------------------------------------------------------------ build
     def build(self) -> dict[str, Any]:
@@ -263,6 +274,7 @@ class Builder:
                 parent.log_input(dataset, "build")
                 self.artifacts["model"] = self.source()
                 previous: dict[str, Any] = {}
+                runs: dict[str, Any] = {}  # stage runs by name, for what is measured after the last stage
                 for name, stage, source in self.stages:
                     t0 = time.perf_counter()
                     with tracker.stage(name, {"kind": stage.kind, "stage_version": stage.version}) as srun:
@@ -276,10 +288,13 @@ class Builder:
                         metrics["stage/build_seconds"] = entry.record.get("seconds", 0.0)
                         self.record_stage(srun, name, stage, source, entry, measured, deployable, metrics,
                                           profile_file)
+                        runs[name] = srun
                     self.measured[name] = previous = metrics
                     summary["notes"] += [f"{name}: {n}" for n in entry.record.get("notes", [])]
                     summary["stages"].append(summaries.stage_row(name, stage, source, entry, deployable, seconds,
                                                                  metrics))
+                    summary.update(summaries.pick(name, entry.record.get("steps", [])))
+                self.remeasure(summary, runs)
                 deploy_dir = self.package(self.stages[-1][0])
                 summary["deploy"] = str(deploy_dir)
                 if self.target.is_proxy:
@@ -318,7 +333,7 @@ class Builder:
         metrics: dict[str, Any] = dict(measured.record["metrics"])
         inherit_counts(metrics, input_metrics)
         metrics.update(entry.record["metrics"])
-        ctx = self._measure_ctx()
+        ctx = self._measure_ctx(deployable)
         metrics.update(measure_runtime(deployable, ctx, metrics.get("macs")))
         profile_file, profiled = profile.maybe_run(deployable, ctx, self.run_dir / "profile" / f"{name}.json")
         metrics.update(profiled)
@@ -338,6 +353,29 @@ class Builder:
             with srun.child(f"{name}/{step.get('name', 'step')}") as child:
                 child.record(step.get("metrics", {}), params=step.get("params"))
 
+    def remeasure(self, summary: dict[str, Any], runs: dict[str, Any]) -> None:
+        """Per-stage ratios under one protocol: at the end of the build every stage's deployable (cached
+        ones too: a compile and the timing, nothing else) is timed again, interleaved in rounds in one
+        process. `latency/interleaved_ms` and `latency/speedup` (vs the first stage) go beside each stage's
+        `latency/p50_ms` (timed when it finished, minutes apart; what budgets check) on its row and run."""
+        from edgebuild.evaluate import interleaved_latency
+
+        cfg = self.cfg.eval.latency
+        if not (cfg.enabled and cfg.rounds):
+            return
+        names = [name for name, _, _ in self.stages]
+        deployables = [self.deployable(n) for n in names]
+        results, medians = interleaved_latency(deployables, [self._measure_ctx(d) for d in deployables],
+                                               int(cfg.rounds))
+        for name, extra in zip(names, results, strict=True):
+            self.measured[name].update(extra)  # the same dict as the stage's summary row
+            runs[name].record(extra)
+        summary["interleaved"] = {"rounds": int(cfg.rounds), "round_medians_ms": dict(zip(names, medians, strict=True))}
+
+    def deployable(self, name: str) -> Artifact:
+        measured = self.measure_entries[name]
+        return Artifact.from_json(measured.record["deployable"], relative_to=measured.path)
+
     def dataset_info(self) -> dict[str, Any]:
         """What tracking logs as the runs' dataset input: name, source, fingerprint."""
         root = self.cfg.data.get("root")
@@ -349,9 +387,9 @@ class Builder:
         """The final deployable: model files plus model.json, runnable without edgebuild."""
         from edgebuild import package
 
-        measured = self.measure_entries[name]
-        deployable = Artifact.from_json(measured.record["deployable"], relative_to=measured.path)
-        return package.write(deployable, self.measured[name], self.run_dir / "deploy", self.target, self.recipe, name)
+        deployable = self.deployable(name)
+        return package.write(deployable, self.measured[name], self.run_dir / "deploy", self.target_for(deployable),
+                             self.recipe, name)
 
 
 def build(cfg: Any, run_dir: Path, recipe: str, tags: dict[str, Any] | None = None) -> dict[str, Any]:

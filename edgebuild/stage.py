@@ -32,6 +32,7 @@ REGISTRY: dict[str, str] = {
     "distill": "edgebuild.stages.distill:Distill",
     "resolution": "edgebuild.stages.resolution:Resolution",
     "cascade": "edgebuild.stages.cascade:Cascade",
+    "shootout": "edgebuild.stages.shootout:Shootout",
 }
 
 

@@ -24,6 +24,8 @@ COLUMNS = [  # (metric, header, format)
     ("size/zip_bytes", "zip B", "{:,.0f}"),
     ("latency/p50_ms", "p50 ms", "{:.3f}"),
     ("latency/p90_ms", "p90 ms", "{:.3f}"),
+    ("latency/interleaved_ms", "interleaved ms", "{:.3f}"),  # all stages timed together at the end
+    ("latency/speedup", "speed-up", "{:.2f}x"),
     ("throughput/fps", "fps", "{:,.0f}"),
     ("memory/flash_bytes", "flash B", "{:,.0f}"),  # target=mcu estimates
     ("memory/peak_ram_bytes", "RAM B", "{:,.0f}"),
@@ -44,6 +46,29 @@ def stage_row(name: str, stage: Any, source: str, entry: Any, deployable: Any, s
     return {"name": name, "kind": stage.kind, "input": source, "cache_hit": entry.hit, "seconds": seconds,
             "artifact": str(entry.path / entry.record["artifact"]["root"]), "deployable": str(deployable.root),
             "cache_key": entry.key, "metrics": metrics}
+
+
+def pick(stage: str, steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """{"pick": ...} when a stage chose among candidates (a step marked "pick", e.g. a runtime shootout):
+    the chosen step and the candidates, each with why it was or was not chosen; else {}."""
+    chosen = next((s for s in steps if s.get("pick")), None)
+    if chosen is None:
+        return {}
+    return {"pick": {"stage": stage, "name": chosen["name"], **chosen.get("params", {}),
+                     "metrics": chosen.get("metrics", {}), "candidates": steps}}
+
+
+def candidate_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    steps = summary["pick"]["candidates"]
+    keys = list(dict.fromkeys(k for s in steps for k in s.get("params", {})))
+    cols = [c for c in COLUMNS if any(c[0] in s["metrics"] for s in steps)
+            and c[0] not in ("macs", "params", "latency/p50_ms", "latency/p90_ms", "throughput/fps")]
+    header = ["candidate", *keys, *[c[1] for c in cols], "load ms", "picked", "why"]
+    rows = [[s["name"], *[str(s.get("params", {}).get(k, "")) for k in keys],
+             *[format_value(s["metrics"].get(c[0]), c[2]) for c in cols],
+             format_value(s["metrics"].get("latency/load_ms"), "{:.1f}"), "PICK" if s.get("pick") else "",
+             s.get("why", "")] for s in steps]
+    return header, rows
 
 
 def format_value(value: Any, fmt: str) -> str:
@@ -82,6 +107,9 @@ def markdown(summary: dict[str, Any]) -> str:
     if summary["budget"]["checks"]:
         verdict = "met" if summary["budget"]["ok"] else "VIOLATED"
         out += [f"## Budget: {verdict}", "", md(*budget_rows(summary["budget"])), ""]
+    if summary.get("pick"):
+        out += [f"## Candidates ({summary['pick']['stage']}): pick {summary['pick']['name']}", "",
+                md(*candidate_rows(summary)), ""]
     profiled = final_profile(summary)
     if profiled:
         out += [f"## Profile of the deployable ({summary['stages'][-1]['name']})", "", md(*profiled), ""]
@@ -143,6 +171,14 @@ def print_summary(summary: dict[str, Any], path: Path) -> None:
         for r in rows:
             bt.add_row(*r, style=None if r[-1] == "ok" else "bold red")
         console.print(bt)
+    if summary.get("pick"):
+        ct = Table(title=f"candidates · {summary['pick']['stage']} · pick {summary['pick']['name']}")
+        header, rows = candidate_rows(summary)
+        for h in header:
+            ct.add_column(h)
+        for r in rows:
+            ct.add_row(*r, style="bold green" if r[-2] else None)
+        console.print(ct)
     profiled = final_profile(summary, top=5)
     if profiled:
         pt = Table(title=f"profile · {summary['stages'][-1]['name']} (slowest layers; per-image preprocessing)")

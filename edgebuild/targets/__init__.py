@@ -75,6 +75,21 @@ class Target:
         self.runtime = runtime_class(cfg)(cfg)
         self._device: str | None = None
 
+    def for_runtime(self, name: str) -> Target:
+        """This target (device, threads, spec, budget) on another registered runtime: what a runtime
+        shootout compares and how its pick is measured. Compile options are runtime-specific and dropped;
+        a precision hint the runtime does not know becomes its first (float) precision."""
+        if name == self.cfg.runtime:
+            return self
+        from omegaconf import OmegaConf
+
+        cls = runtime_class(OmegaConf.create({"runtime": name, "name": self.cfg.name}))
+        cfg = OmegaConf.merge(self.cfg, {"runtime": name})
+        cfg.options = {}
+        if cfg.precision not in cls.precisions:
+            cfg.precision = cls.precisions[0]
+        return Target(cfg)
+
     @property
     def format(self) -> str:
         return self.runtime.format
