@@ -54,8 +54,10 @@ def example_input(meta: dict[str, Any]) -> Any:
     return torch.zeros([1, *list(meta["input_shape"])[1:]])
 
 
-def pt2e_calibrated(model: Any, quantizer: Any, calibration: np.ndarray, meta: dict[str, Any]) -> Any:
-    """torchao PT2E: export, insert observers, run every calibration sample, convert to Q/DQ."""
+def pt2e_calibrated(model: Any, quantizer: Any, calibration: np.ndarray, meta: dict[str, Any],
+                    fold_quantize: bool = True) -> Any:
+    """torchao PT2E: export, insert observers, run every calibration sample, convert to Q/DQ.
+    fold_quantize=False keeps float weights behind quantize ops (litert-torch's converter needs that)."""
     import torch
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
@@ -64,7 +66,7 @@ def pt2e_calibrated(model: Any, quantizer: Any, calibration: np.ndarray, meta: d
     with torch.no_grad():
         for x in calibration:  # the program is exported at batch 1
             prepared(torch.from_numpy(np.ascontiguousarray(x[None], dtype=np.float32)))
-    return convert_pt2e(prepared)
+    return convert_pt2e(prepared, fold_quantize=fold_quantize)
 
 
 def module_names(model: Any) -> list[str]:
