@@ -74,6 +74,7 @@ class ExecuTorchRuntime(Runtime):
     format = "executorch"
     files = (PTE_FILE,)
     suffixes = (".pte",)
+    export_by_default = False  # the export stage writes it only for this target or when named
     capabilities = frozenset({base.QUANTIZE, base.EXPORT})
     precisions = ("f32", "fp32")  # XNNPACK FP32; INT8 comes from quantize()
 

@@ -91,6 +91,7 @@ class LiteRTRuntime(Runtime):
     format = "litert"
     files = (TFLITE_FILE,)
     suffixes = (".tflite",)
+    export_by_default = False  # the export stage writes it only for this target or when named
     capabilities = frozenset({base.QUANTIZE, base.WEIGHTS_FP16, base.EXPORT})
     precisions = ("f32", "fp32")  # FP16 weights: compress_weights; INT8: quantize
 
