@@ -15,9 +15,9 @@ log = logging.getLogger(__name__)
 RUNTIMES = {
     "openvino": "edgebuild.targets.openvino:OpenVINORuntime",
     "onnxruntime": "edgebuild.targets.onnxruntime:ONNXRuntime",
-    "mcu": "edgebuild.targets.mcu:MCURuntime",
+    "mcu": "edgebuild.targets.mcu:MCURuntime",  # estimates for microcontrollers; OpenVINO CPU stand-in
     "executorch": "edgebuild.targets.executorch:ExecuTorchRuntime",  # .pte, XNNPACK (extra: runtimes)
-    "litert": "edgebuild.targets.litert:LiteRTRuntime",  # .tflite via litert-torch (extra: runtimes)  # estimates for microcontrollers; OpenVINO CPU stand-in
+    "litert": "edgebuild.targets.litert:LiteRTRuntime",  # .tflite via litert-torch (extra: runtimes)
 }
 
 

@@ -3,6 +3,7 @@ FP32, and INT8 by PT2E with XNNPACKQuantizer calibrated on the calibration set."
 
 from __future__ import annotations
 
+import collections
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from edgebuild.targets.base import Quantized, QuantizeRequest, Runtime, Session
 
 PTE_FILE = "model.pte"
 PACKAGE = "executorch==1.5.1"
-# edge-dialect op names (get_delegation_info) and .pte operator names of compute layers
+# compute kernels as the .pte names them outside a delegate (and as torch.export names them)
 # (aten_convolution_default, aten.conv2d.default, aten::convolution.out: the three spellings met)
 _COMPUTE = re.compile(r"aten(?:::|\.|_)(convolution|conv[123]d|conv_transpose[123]d|linear|addmm|mm|bmm|matmul)"
                       r"(?:[._].*)?")
@@ -31,42 +32,72 @@ def _require() -> Any:
     return torch_edge.require("executorch.runtime", PACKAGE, "executorch")
 
 
-def lower(model: Any, meta: dict[str, Any], path: Path, int8_ops: int | None = None) -> dict[str, Any]:
-    """torch module (float or PT2E-converted) -> .pte with XNNPACK; returns what the lowering delegated.
-    `int8_ops`: compute ops the quantizer gave int8 weights (None: a float model)."""
+def lower(model: Any, meta: dict[str, Any], path: Path) -> Path:
+    """torch module (float or PT2E-converted) -> .pte at `path`, compute lowered to XNNPACK where it can."""
     import torch
 
     _require()
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.devtools.backend_debug import get_delegation_info
     from executorch.exir import to_edge_transform_and_lower
 
     try:
         exported = torch.export.export(model, (torch_edge.example_input(meta),))
-        lowered = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
-        program = lowered.to_executorch()
+        program = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()]).to_executorch()
     except Exception as e:  # export/lowering raise many types; name the operator
         raise torch_edge.conversion_error(e, "executorch", model) from None
-    table = get_delegation_info(lowered.exported_program().graph_module).get_operator_delegation_dataframe()
-    rows = [r for r in table.to_dict("records") if r["op_type"] != "Total" and _is_compute(r["op_type"])]
-    delegated = sum(int(r["occurrences_in_delegated_graphs"]) for r in rows)
-    total = delegated + sum(int(r["occurrences_in_non_delegated_graphs"]) for r in rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(program.buffer)
-    # XNNPACK runs a conv in int8 only when the quantizer annotated it and the delegate took it
-    int8 = min(int8_ops, delegated) if int8_ops is not None else 0
-    return {"compute_ops": total, "delegated_compute_ops": delegated, "int8_compute_ops": int8,
-            "precision": "int8" if total and int8 / total > 0.5 else "f32"}
+    return path
 
 
-def _int8_weighted(graph: Any) -> int:
-    """Compute nodes of a PT2E-converted graph whose weight comes through a dequantize (int8 weights)."""
-    n = 0
-    for node in graph.graph.nodes:
-        if node.op == "call_function" and _is_compute(str(node.target)) and len(node.args) > 1:
-            w = node.args[1]
-            n += bool(getattr(w, "op", None) == "call_function" and "dequantize" in str(w.target))
-    return n
+XNN_COMPUTE = ("XNNConv2d", "XNNDepthwiseConv2d", "XNNConvTranspose2d", "XNNFullyConnected",
+               "XNNBatchMatrixMultiply")
+XNN_INT8 = ("xnn_datatype_qint8", "xnn_datatype_quint8", "xnn_datatype_qdint8", "xnn_datatype_qpint8")
+
+
+def _xnnpack_graph(blob: bytes) -> dict[str, Any]:
+    """An XNNPACK delegate payload (XNNHeader + flatbuffer + constants) as JSON, by the schema it ships."""
+    import importlib.resources
+    import json
+    import tempfile
+
+    from executorch.backends.xnnpack.serialization.xnnpack_graph_serialize import XNNHeader
+    from executorch.exir._serialize._flatbuffer import _flatc_decompile
+
+    header = XNNHeader.from_bytes(blob[:XNNHeader.EXPECTED_LENGTH])
+    graph = blob[header.flatbuffer_offset:header.flatbuffer_offset + header.flatbuffer_size]
+    schema = importlib.resources.files("executorch.backends.xnnpack.serialization") / "schema.fbs"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "graph.bin").write_bytes(graph)
+        _flatc_decompile(tmp, str(schema), str(Path(tmp) / "graph.bin"), ["--raw-binary"])
+        text = (Path(tmp) / "graph.json").read_text()
+    return json.loads(re.sub(r"(?<=: )-?(inf|nan)\b", "null", text))  # flatc writes clamp bounds as inf
+
+
+def program_report(path: Path) -> dict[str, Any]:
+    """What the .pte runs, read from the file: its delegates, the kernels left outside them, and inside each
+    XNNPACK graph the compute nodes with the datatype of their input (qint8: an int8 kernel)."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    pte = deserialize_pte_binary(path.read_bytes())
+    program = getattr(pte, "program", pte)
+    plan = program.execution_plan[0]
+    names = [op.name for op in plan.operators]
+    outside = [names[i.instr_args.op_index] for i in plan.chains[0].instructions
+               if type(i.instr_args).__name__ == "KernelCall"]
+    inputs: list[str] = []  # datatype of each delegated compute node's input
+    for delegate in plan.delegates:
+        if delegate.id != "XnnpackBackend" or delegate.processed.location.name != "INLINE":
+            continue
+        graph = _xnnpack_graph(program.backend_delegate_data[delegate.processed.index].data)
+        dtype = {}
+        for v in graph["xvalues"]:
+            t = v["xvalue_union"].get("tensor_value", v["xvalue_union"])
+            dtype[t.get("id_out")] = t.get("datatype")
+        inputs += [dtype.get(n["xnode_union"].get("input1_id")) for n in graph["xnodes"]
+                   if n["xnode_union_type"] in XNN_COMPUTE]
+    return {"delegates": [d.id for d in plan.delegates], "outside": outside, "delegated_inputs": inputs,
+            "outside_compute": sum(_is_compute(n) for n in outside)}
 
 
 class ExecuTorchRuntime(Runtime):
@@ -87,9 +118,8 @@ class ExecuTorchRuntime(Runtime):
         return ["CPU"]
 
     def _from_torch(self, source: Artifact, folder: Path) -> Artifact:
-        report = lower(source.load_torch(), source.meta, folder / PTE_FILE)
-        return Artifact(self.format, folder, [PTE_FILE],
-                        meta={**source.meta, "format": self.format, "executorch": report})
+        lower(source.load_torch(), source.meta, folder / PTE_FILE)
+        return Artifact(self.format, folder, [PTE_FILE], meta={**source.meta, "format": self.format})
 
     def deployable(self, artifact: Artifact, folder: Path, output_names: list[str]) -> Artifact:
         if artifact.kind == self.format:
@@ -114,11 +144,11 @@ class ExecuTorchRuntime(Runtime):
                 "quantize for ExecuTorch needs the torch model; its input is already a .pte",
                 "set the stage's input to a torch stage (train, prune, ...)")
         model = source.load_torch()
-        quantized = quantize(model, request.calibration, source.meta, workdir / PTE_FILE, request.per_channel,
+        quantize(model, request.calibration, source.meta, workdir / PTE_FILE, request.per_channel,
                              base.select_layers(torch_edge.module_names(model), request.ignored_names,
                                                 request.ignored_patterns))
         float_model = self._from_torch(source, scratch)
-        meta = {**request.meta, "format": self.format, "executorch": quantized}
+        meta = {**request.meta, "format": self.format}
         return Quantized(Artifact(self.format, workdir, [PTE_FILE], meta), float_model, [])
 
     def compile(self, artifact: Artifact, device: str, batch: int) -> ExecuTorchSession:
@@ -145,10 +175,13 @@ def quantize(model: Any, calibration: np.ndarray, meta: dict[str, Any], path: Pa
     for name in ignored or []:
         quantizer.set_module_name(name, None)
     converted = torch_edge.pt2e_calibrated(model, quantizer, calibration, meta)
-    report = lower(converted, meta, path, int8_ops=_int8_weighted(converted))
-    if not report["int8_compute_ops"]:
+    report = program_report(lower(converted, meta, path))
+    int8 = sum(d in XNN_INT8 for d in report["delegated_inputs"])
+    if not int8:
         raise EdgebuildError(f"ExecuTorch INT8: no compute op of {type(model).__name__} runs int8 "
-                             f"({report['compute_ops']} compute ops, {report['delegated_compute_ops']} delegated)",
+                             f"({len(report['delegated_inputs'])} delegated to XNNPACK taking "
+                             f"{sorted(set(map(str, report['delegated_inputs'])))}, "
+                             f"{report['outside_compute']} outside)",
                              "XNNPACKQuantizer quantizes conv and linear layers: check ignored layers and that the "
                              "model has convolutions or nn.Linear")
     return report
@@ -173,30 +206,23 @@ class ExecuTorchSession(Session):
         execute, inputs = self.method.execute, [torch.from_numpy(np.ascontiguousarray(x[:1]))]
         return lambda: execute(inputs)
 
-    def _plan(self) -> Any:
-        from executorch.exir._serialize._program import deserialize_pte_binary
-
-        pte = deserialize_pte_binary(self.artifact.main_file.read_bytes())
-        return getattr(pte, "program", pte).execution_plan[0]
-
     def runtime_info(self) -> dict[str, Any]:
-        """The .pte's own plan (delegate calls and the kernels left outside them), with the lowering report
-        for what happens inside the XNNPACK blob (opaque to the runtime)."""
-        plan = self._plan()
-        names = [op.name for op in plan.operators]
-        outside = [names[i.instr_args.op_index] for i in plan.chains[0].instructions
-                   if type(i.instr_args).__name__ == "KernelCall"]
-        outside_compute = sum(_is_compute(n) for n in outside)
-        report = self.artifact.meta.get("executorch") or {}
-        total = int(report.get("compute_ops") or outside_compute)
-        int8 = int(report.get("int8_compute_ops", 0))
-        return {"runtime/precision": report.get("precision", "f32"),
-                "int8/ops_fraction": int8 / total if total else 0.0,
-                "runtime/delegated_fraction": (total - outside_compute) / total if total else 0.0,
-                "runtime/compute_ops": total, "runtime/delegates": ",".join(d.id for d in plan.delegates),
-                "runtime/non_delegated_ops": len(outside)}
+        """Read from the .pte: delegated compute (XNNPACK graph nodes) vs kernels outside any delegate,
+        and the datatype each delegated compute node takes."""
+        r = program_report(self.artifact.main_file)
+        inputs = r["delegated_inputs"]
+        total = len(inputs) + r["outside_compute"]
+        int8 = sum(d in XNN_INT8 for d in inputs)
+        floats = collections.Counter(str(d).removeprefix("xnn_datatype_") for d in inputs if d not in XNN_INT8)
+        # non-delegated compute runs ExecuTorch's portable float kernels
+        floats["fp32"] += r["outside_compute"]
+        precision = "int8" if total and int8 / total > 0.5 else floats.most_common(1)[0][0].replace("fp32", "f32")
+        return {"runtime/precision": precision, "int8/ops_fraction": int8 / total if total else 0.0,
+                "runtime/delegated_fraction": len(inputs) / total if total else 0.0, "runtime/compute_ops": total,
+                "runtime/delegates": ",".join(r["delegates"]), "runtime/non_delegated_ops": len(r["outside"])}
 
     def float_layers(self) -> list[str]:
-        report = self.artifact.meta.get("executorch") or {}
-        n = int(report.get("compute_ops", 0)) - int(report.get("int8_compute_ops", 0))
-        return [f"compute_op_{i}" for i in range(n)]  # the lowered program keeps no layer names
+        """Compute nodes not running int8 (the lowered program keeps no layer names: node kind and position)."""
+        r = program_report(self.artifact.main_file)
+        return ([f"xnnpack_compute_{i}" for i, d in enumerate(r["delegated_inputs"]) if d not in XNN_INT8]
+                + [n for n in r["outside"] if _is_compute(n)])
