@@ -27,7 +27,7 @@ class Export(Stage):
     version: ClassVar[int] = 1
     uses: ClassVar[tuple[str, ...]] = ("task", "target_format")
 
-    formats: list[str] = field(default_factory=list)  # empty: every format a registered runtime exports
+    formats: list[str] = field(default_factory=list)  # empty: the target's + every export_by_default format
     dynamic_batch: bool = True
     opset: int = bounded(17, ge=7, le=20)  # where the format has opsets (torch's TorchScript ONNX exporter: 7-20)
 
@@ -46,7 +46,10 @@ class Export(Stage):
         known = exportable()
         # the target's format first: the artifact's kind is what the target deploys
         wanted = [ctx.target.format] if ctx.target.format in known else []
-        formats = list(dict.fromkeys([*wanted, *(self.formats or known)]))
+        # default: the formats runtimes export unasked (heavy converters, e.g. ExecuTorch and LiteRT, only
+        # when they are the target or named in formats: they would slow every build and need an extra)
+        default = [f for f, cls in known.items() if getattr(cls, "export_by_default", True)]
+        formats = list(dict.fromkeys([*wanted, *(self.formats or default)]))
         files: list[str] = []
         for fmt in formats:
             files += known[fmt](ctx.target.cfg).export(source, ctx.workdir, ctx.task.output_names,

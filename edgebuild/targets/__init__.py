@@ -16,6 +16,8 @@ RUNTIMES = {
     "openvino": "edgebuild.targets.openvino:OpenVINORuntime",
     "onnxruntime": "edgebuild.targets.onnxruntime:ONNXRuntime",
     "mcu": "edgebuild.targets.mcu:MCURuntime",  # estimates for microcontrollers; OpenVINO CPU stand-in
+    "executorch": "edgebuild.targets.executorch:ExecuTorchRuntime",  # .pte, XNNPACK (extra: runtimes)
+    "litert": "edgebuild.targets.litert:LiteRTRuntime",  # .tflite via litert-torch (extra: runtimes)
 }
 
 
