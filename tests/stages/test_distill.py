@@ -10,7 +10,7 @@ from edgebuild.errors import EdgebuildError
 from edgebuild.finetune import kd_loss
 from edgebuild.pipeline import plan
 
-QUICK = ["data=synthetic", "model.kwargs.width=8", "stages.train.epochs=2", "stages.distill.epochs=2",
+QUICK = ["data=synthetic", "model.kwargs.width=8", "stages.train.epochs=2", "stages.distill.epochs=4",
          "budget.max_acc_drop=null"]
 
 
