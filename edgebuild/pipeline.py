@@ -151,7 +151,7 @@ class Builder:
 
     def measure_key(self, artifact: Artifact) -> str:
         target = {k: v for k, v in _plain(self.cfg.target).items() if k not in ("budget", "require_device", "spec")}
-        evalc = {k: v for k, v in _plain(self.cfg.eval).items() if k not in ("latency", "profile")}
+        evalc = {k: v for k, v in _plain(self.cfg.eval).items() if k not in ("latency", "profile", "stream")}
         return cache_key({"measure": 1, "artifact": artifact.digest, "target": target, "device": self.target.device,
                           "eval": evalc, "data": self.data.fingerprint, "task": _plain(self.cfg.task),
                           **({"runtime": artifact.meta["runtime"]} if artifact.meta.get("runtime") else {})})
