@@ -295,6 +295,7 @@ class Builder:
                                                                  metrics))
                     summary.update(summaries.pick(name, entry.record.get("steps", [])))
                 self.remeasure(summary, runs)
+                self.stream(summary, runs)
                 deploy_dir = self.package(self.stages[-1][0])
                 summary["deploy"] = str(deploy_dir)
                 if self.target.is_proxy:
@@ -371,6 +372,19 @@ class Builder:
             self.measured[name].update(extra)  # the same dict as the stage's summary row
             runs[name].record(extra)
         summary["interleaved"] = {"rounds": int(cfg.rounds), "round_medians_ms": dict(zip(names, medians, strict=True))}
+
+    def stream(self, summary: dict[str, Any], runs: dict[str, Any]) -> None:
+        """`eval.stream.enabled`: the final deployable streams the generated video (edgebuild/stream): its
+        stream/*, energy/* and battery/* metrics join the final stage's row, run and (with it) the parent run."""
+        from edgebuild import stream
+
+        name = self.stages[-1][0]
+        deployable = self.deployable(name)
+        metrics, notes = stream.maybe_run(deployable, self._measure_ctx(deployable))
+        if metrics:
+            self.measured[name].update(metrics)  # the same dict as the stage's summary row
+            runs[name].record(metrics)
+            summary["notes"] += [f"{name}: {n}" for n in notes]
 
     def deployable(self, name: str) -> Artifact:
         measured = self.measure_entries[name]

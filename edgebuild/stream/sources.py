@@ -115,6 +115,29 @@ class ShapesVideo:
         pass
 
 
+class MemorySource:
+    """Frames already decoded, in memory (e.g. `ShapesVideo(...).frame(i)` drawn beforehand): capture costs a list
+    lookup, so the stream measures the model's side alone and a fast producer is guaranteed."""
+
+    def __init__(self, frames: list[Frame], name: str = "frames in memory"):
+        self.frames, self.name, self._next = frames, name, 0
+
+    def describe(self) -> str:
+        return f"{len(self.frames)} {self.name}"
+
+    def frame(self, i: int) -> Frame:
+        return self.frames[i]
+
+    def read(self) -> Frame | None:
+        if self._next >= len(self.frames):
+            return None
+        self._next += 1
+        return self.frames[self._next - 1]
+
+    def close(self) -> None:
+        pass
+
+
 class FolderSource:
     """Image files of a folder, in name order (decoded with PIL as edgebuild's data loaders do)."""
 
