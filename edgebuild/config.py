@@ -75,6 +75,10 @@ def check_config(cfg: Any) -> None:
     if split.val + split.test >= 1:
         raise EdgebuildError(f"data.split.val + data.split.test = {split.val + split.test:g} leaves no training data",
                              "keep their sum below 1, e.g. data.split.val=0.15 data.split.test=0.2")
+    stream = cfg.eval.stream
+    if stream.policy not in ("drop_oldest", "block"):  # edgebuild.stream.pipeline.POLICIES (kept light here)
+        raise EdgebuildError(f"eval.stream.policy={stream.policy!r} is not a stream policy",
+                             "set eval.stream.policy to drop_oldest or block")
     data = cfg.data
     pad = max(1, data.image_size // 8) if data.augment_pad is None else data.augment_pad
     if data.augment and cfg.task.name == "classification" and pad >= data.image_size:
@@ -163,12 +167,25 @@ class BudgetConf:
 
 
 @dataclass
+class PowerSpec:
+    # the device's stated power draw, for the stream's duty-cycle energy estimate (edgebuild/stream/energy.py):
+    # watts busy per precision (fp32, int8, ...) and idle, or, for a microcontroller, milliamps at `volts`
+    active_watts: dict[str, float] = field(default_factory=dict)
+    idle_watts: float | None = bounded(None, ge=0)
+    active_ma: dict[str, float] = field(default_factory=dict)
+    sleep_ma: float | None = bounded(None, ge=0)
+    volts: float | None = bounded(None, gt=0)
+    source: str = ""  # where the figures come from (datasheet, or a stated assumption)
+
+
+@dataclass
 class HardwareSpec:
     name: str = "generic CPU"
     peak_macs_per_s: dict[str, float] = field(default_factory=dict)  # per precision: fp32, int8, ...
     memory_bandwidth_bytes_per_s: float | None = bounded(None, gt=0)
     ram_bytes: int | None = bounded(None, gt=0)
     flash_bytes: int | None = bounded(None, gt=0)
+    power: PowerSpec = field(default_factory=PowerSpec)
 
 
 @dataclass
@@ -207,12 +224,29 @@ class ProfileConf:
 
 
 @dataclass
+class StreamConf:
+    # opt-in: at the end of the build the final deployable streams the generated moving-shapes video through a
+    # capture thread and an inference thread over a ring buffer (edgebuild/stream); stream/* metrics on the
+    # final stage. The same as `python -m edgebuild.stream DEPLOY_DIR --source shapes`
+    enabled: bool = False
+    fps: float = bounded(30.0, gt=0)  # offered frame rate
+    seconds: float = bounded(10.0, gt=0)  # frames = round(fps * seconds)
+    depth: int = bounded(2, ge=1)  # ring buffer capacity (frames)
+    policy: str = "drop_oldest"  # drop_oldest | block: what a full ring does
+    reuse_threshold: float = bounded(0.0, ge=0, le=1)  # frame reuse below this mean abs difference (of 255); 0: off
+    seed: int = bounded(0, ge=0)  # of the generated video
+    battery_mah: float = bounded(2000.0, gt=0)  # battery life estimate: capacity ...
+    battery_volts: float = bounded(3.7, gt=0)  # ... and voltage
+
+
+@dataclass
 class EvalConf:
     split: str = "test"
     batch_size: int = bounded(64, ge=1)
     limit: int | None = bounded(None, ge=1)  # evaluate on at most this many samples
     latency: LatencyConf = field(default_factory=LatencyConf)
     profile: ProfileConf = field(default_factory=ProfileConf)
+    stream: StreamConf = field(default_factory=StreamConf)
 
 
 @dataclass

@@ -151,7 +151,7 @@ class Builder:
 
     def measure_key(self, artifact: Artifact) -> str:
         target = {k: v for k, v in _plain(self.cfg.target).items() if k not in ("budget", "require_device", "spec")}
-        evalc = {k: v for k, v in _plain(self.cfg.eval).items() if k not in ("latency", "profile")}
+        evalc = {k: v for k, v in _plain(self.cfg.eval).items() if k not in ("latency", "profile", "stream")}
         return cache_key({"measure": 1, "artifact": artifact.digest, "target": target, "device": self.target.device,
                           "eval": evalc, "data": self.data.fingerprint, "task": _plain(self.cfg.task),
                           **({"runtime": artifact.meta["runtime"]} if artifact.meta.get("runtime") else {})})
@@ -295,6 +295,7 @@ class Builder:
                                                                  metrics))
                     summary.update(summaries.pick(name, entry.record.get("steps", [])))
                 self.remeasure(summary, runs)
+                self.stream(summary, runs)
                 deploy_dir = self.package(self.stages[-1][0])
                 summary["deploy"] = str(deploy_dir)
                 if self.target.is_proxy:
@@ -371,6 +372,19 @@ class Builder:
             self.measured[name].update(extra)  # the same dict as the stage's summary row
             runs[name].record(extra)
         summary["interleaved"] = {"rounds": int(cfg.rounds), "round_medians_ms": dict(zip(names, medians, strict=True))}
+
+    def stream(self, summary: dict[str, Any], runs: dict[str, Any]) -> None:
+        """`eval.stream.enabled`: the final deployable streams the generated video (edgebuild/stream): its
+        stream/*, energy/* and battery/* metrics join the final stage's row, run and (with it) the parent run."""
+        from edgebuild import stream
+
+        name = self.stages[-1][0]
+        deployable = self.deployable(name)
+        metrics, notes = stream.maybe_run(deployable, self._measure_ctx(deployable))
+        if metrics:
+            self.measured[name].update(metrics)  # the same dict as the stage's summary row
+            runs[name].record(metrics)
+            summary["notes"] += [f"{name}: {n}" for n in notes]
 
     def deployable(self, name: str) -> Artifact:
         measured = self.measure_entries[name]

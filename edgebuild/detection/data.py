@@ -76,10 +76,7 @@ def generate_shapes(n: int, num_classes: int, size: int, channels: int, seed: in
             else:
                 continue
             kind = int(rng.integers(num_classes))
-            dx, dy = np.abs(xx - cx), yy - cy
-            mask = {"circle": dx**2 + dy**2 <= r**2, "square": np.maximum(dx, np.abs(dy)) <= r * 0.85,
-                    "triangle": (dy <= r * 0.8) & (dx <= (dy + r) * 0.55),
-                    "diamond": dx + np.abs(dy) <= r}[SHAPES[kind]]
+            mask = shape_mask(SHAPES[kind], xx, yy, cx, cy, r)
             if not mask.any():
                 continue
             under = img[:, mask].mean(axis=1)
@@ -97,6 +94,19 @@ def generate_shapes(n: int, num_classes: int, size: int, channels: int, seed: in
     elif channels != 3:
         raise EdgebuildError(f"data=shapes makes 1- or 3-channel images, not {channels}", "set data.channels to 1 or 3")
     return Labelled(images, _targets(targets))
+
+
+def shape_mask(kind: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
+    """The pixels (centres xx, yy) a shape of `kind` and size r centred at (cx, cy) covers; the stream's
+    moving-shapes video (edgebuild/stream/sources.py) draws the same shapes."""
+    dx, dy = np.abs(xx - cx), yy - cy
+    if kind == "circle":
+        return dx**2 + dy**2 <= r**2
+    if kind == "square":
+        return np.maximum(dx, np.abs(dy)) <= r * 0.85
+    if kind == "triangle":
+        return (dy <= r * 0.8) & (dx <= (dy + r) * 0.55)
+    return dx + np.abs(dy) <= r  # diamond
 
 
 def _overlap(a: np.ndarray, b: Any) -> float:

@@ -1,0 +1,62 @@
+"""Streaming: a deployable in a real-time pipeline (capture and inference threads over a ring buffer), measured as
+an application sees it: offered vs processed FPS, dropped frames, end-to-end latency, where the time goes, CPU use,
+start-up time, detection quality against the generated video's exact boxes, and a duty-cycle energy estimate.
+
+`python -m edgebuild.stream DEPLOY_DIR --source shapes --fps 30` (edgebuild/stream/__main__.py) or, in a build,
+`eval.stream.enabled=true` (`maybe_run`, called by the pipeline on the final stage's deployable). Modules:
+sources (frames), model (preprocess / infer / postprocess of a deployable), pipeline (the threads and the ring),
+quality (mAP vs ground truth), energy (the duty-cycle arithmetic), annotate (the drawn video).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def measure(model: Any, source: Any, cfg: Any, power: tuple[float | None, float | None], battery: tuple[float, float],
+            t_start: float | None = None, annotate: Any = None) -> tuple[dict[str, Any], Any]:
+    """Stream once; return (metrics: stream/*, quality, energy/* and battery/* estimates, result)."""
+    from edgebuild.stream import energy, pipeline, quality
+
+    result = pipeline.run(model, source, cfg, t_start, sink=annotate)
+    metrics = dict(result.metrics)
+    if annotate is not None:
+        metrics["stream/annotated_frames"] = annotate.close()
+    metrics.update(quality.stream_quality(result, model, source))
+    metrics.update(energy.for_stream(metrics, power[0], power[1], *battery))
+    return metrics, result
+
+
+def maybe_run(deployable: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
+    """`eval.stream.enabled`: the build's final deployable streams the generated video at the model's input size;
+    returns (metrics, notes) for the final stage. Powers come from the target spec (`spec.power`)."""
+    from omegaconf import OmegaConf
+
+    from edgebuild.stream import energy
+    from edgebuild.stream.model import for_build
+    from edgebuild.stream.pipeline import StreamConfig
+    from edgebuild.stream.sources import ShapesVideo
+
+    c = ctx.cfg.eval.stream
+    if not c.enabled:
+        return {}, []
+    t_start = time.perf_counter()
+    model = for_build(deployable, ctx)
+    frames = max(1, round(c.fps * c.seconds))
+    source = ShapesVideo(model.width, model.height, num_classes=len(model.class_names or []) or 3, seed=c.seed,
+                         frames=frames)
+    cfg = StreamConfig(fps=float(c.fps), frames=frames, depth=int(c.depth), policy=str(c.policy),
+                       reuse_threshold=float(c.reuse_threshold))
+    power = OmegaConf.to_container(ctx.target.cfg.spec.power, resolve=True)
+    precision = energy.precision_key(model.session.runtime_info().get("runtime/precision"))
+    active, idle, _ = energy.device_powers(power, precision)
+    metrics, result = measure(model, source, cfg, (active, idle), (float(c.battery_mah), float(c.battery_volts)),
+                              t_start)
+    notes = [f"stream: {source.describe()} at {c.fps:g} FPS offered, {metrics['stream/fps']:.1f} processed, "
+             f"{metrics['stream/dropped_frames']} dropped ({c.policy}, ring {c.depth}), e2e p50 "
+             f"{metrics['stream/e2e_p50_ms']:.1f} ms"] + result.notes
+    if "energy/mj_per_inference" in metrics:
+        notes.append(f"stream energy (estimate from spec.power, {precision}): "
+                     f"{metrics['energy/mj_per_inference']:.2f} mJ/inference, battery {metrics['battery/hours']:.1f} h")
+    return metrics, notes

@@ -1,0 +1,201 @@
+"""`python -m edgebuild.stream DEPLOY_DIR [--source shapes|VIDEO|FOLDER|/dev/videoN] [--fps 30] [--seconds 10]`:
+stream a build's deployable and print one table (also `--json OUT.json`, the same names as the build's
+`stream/*`, `energy/*`, `battery/*` metrics). Exit 0; 2 for bad input (one message, no traceback); 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from edgebuild.errors import EdgebuildError
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as edgebuild/__main__.py: no spinning threads on shared cores
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m edgebuild.stream", description=(
+        "Stream a deployable: a capture/decode thread and an inference thread over a bounded ring buffer. Prints "
+        "offered vs processed FPS, dropped frames, end-to-end latency, time shares, CPU use, start-up time, "
+        "detection quality on the generated video, and a duty-cycle energy estimate."))
+    p.add_argument("deploy_dir", help="a build's deploy/ folder (model.json + model files)")
+    p.add_argument("--source", default="shapes", help="shapes (generated moving shapes with exact boxes; default), "
+                   "a video file (PyAV/FFmpeg), a folder of frames, or a camera /dev/videoN")
+    p.add_argument("--fps", type=float, default=30.0, help="offered frame rate (the capture clock; default 30)")
+    p.add_argument("--seconds", type=float, default=10.0, help="stream length: fps x seconds frames (default 10)")
+    p.add_argument("--frames", type=int, default=None, help="stream length in frames (instead of --seconds)")
+    p.add_argument("--depth", type=int, default=2, help="ring buffer capacity in frames (default 2)")
+    p.add_argument("--policy", choices=["drop_oldest", "block"], default="drop_oldest",
+                   help="a full ring: drop the oldest waiting frame (default), or block the capture")
+    p.add_argument("--reuse-threshold", type=float, default=0.0, help="reuse the last result for frames whose mean "
+                   "absolute difference from the last inferred frame is below this fraction of 255 (0: off)")
+    p.add_argument("--size", default=None, help="WxH of the generated video (default: the model's input size)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated video")
+    p.add_argument("--annotate", default=None, help="write the processed frames with results drawn (.mp4)")
+    p.add_argument("--json", default=None, help="write the metrics as JSON")
+    p.add_argument("--active-watts", type=float, default=None, help="device power busy (default: target spec.power)")
+    p.add_argument("--idle-watts", type=float, default=None, help="device power idle (default: target spec.power)")
+    p.add_argument("--battery-mah", type=float, default=2000.0, help="battery capacity for battery/hours (2000)")
+    p.add_argument("--battery-volts", type=float, default=3.7, help="battery voltage (3.7)")
+    return p.parse_args(argv)
+
+
+def check_args(a: argparse.Namespace) -> tuple[int, int] | None:
+    """Everything a user can get wrong, before anything is loaded."""
+    from edgebuild.stream.pipeline import StreamConfig
+
+    if not (math.isfinite(a.fps) and a.fps > 0):
+        raise EdgebuildError(f"--fps {a.fps:g}: the offered frame rate must be a positive number",
+                             "give --fps > 0, e.g. --fps 30")
+    if a.frames is None and not (math.isfinite(a.seconds) and a.seconds > 0):
+        raise EdgebuildError(f"--seconds {a.seconds:g} must be positive", "give --seconds > 0, or --frames N")
+    StreamConfig(fps=a.fps, frames=frames_of(a), depth=a.depth, policy=a.policy,
+                 reuse_threshold=a.reuse_threshold).check()
+    for flag in ("active_watts", "idle_watts"):
+        v = getattr(a, flag)
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise EdgebuildError(f"--{flag.replace('_', '-')} {v:g} must be >= 0 watts", "give a power in watts")
+    if a.battery_mah <= 0 or a.battery_volts <= 0:
+        raise EdgebuildError("--battery-mah and --battery-volts must be positive", "e.g. --battery-mah 2000 "
+                             "--battery-volts 3.7")
+    if a.size is None:
+        return None
+    try:
+        w, h = (int(v) for v in a.size.lower().split("x"))
+        assert w > 0 and h > 0
+    except (ValueError, AssertionError):
+        raise EdgebuildError(f"--size {a.size!r} is not WxH", "give e.g. --size 320x240") from None
+    return w, h
+
+
+def frames_of(a: argparse.Namespace) -> int:
+    return a.frames if a.frames is not None else max(1, round(a.fps * a.seconds))
+
+
+ROWS = [  # (label, metric, format)
+    ("offered FPS", "stream/offered_fps", "{:.1f}"), ("captured FPS", "stream/captured_fps", "{:.1f}"),
+    ("processed FPS", "stream/fps", "{:.1f}"), ("frames captured", "stream/frames", "{}"),
+    ("frames processed", "stream/processed_frames", "{}"), ("dropped frames", "stream/dropped_frames", "{}"),
+    ("inferences / reused", None, None),
+    ("e2e latency p50 / p90 / p99 (ms)", None, None),
+    ("time shares decode / pre / infer / post", None, None),
+    ("per frame decode / pre / infer / post (ms)", None, None),
+    ("CPU utilisation (cores; of machine)", None, None),
+    ("load + compile (ms)", "stream/load_ms", "{:.1f}"),
+    ("time to first result (ms)", "stream/first_result_ms", "{:.1f}"),
+    ("mAP@0.5 / mAP@[.5:.95] / recall (vs exact boxes)", None, None),
+    ("mAP@[.5:.95] every frame inferred / reuse cost (points)", None, None),
+    ("energy per inference (mJ, estimate)", "energy/mj_per_inference", "{:.3f}"),
+    ("busy fraction / average power (W, estimate)", None, None),
+    ("battery life (h, estimate)", "battery/hours", "{:.1f}"),
+]
+
+
+def rows(m: dict[str, Any]) -> list[tuple[str, str]]:
+    def f(key: str, fmt: str = "{:.1f}") -> str:
+        return fmt.format(m[key]) if key in m else "-"
+
+    special = {
+        "inferences / reused": f"{m['stream/inferences']} / {m['stream/reused_frames']} "
+                               f"({m['stream/reuse_fraction']:.0%} saved)",
+        "e2e latency p50 / p90 / p99 (ms)": " / ".join(f(f"stream/e2e_{p}_ms") for p in ("p50", "p90", "p99")),
+        "time shares decode / pre / infer / post": " / ".join(f"{m[f'stream/share_{s}']:.0%}" for s in
+                                                              ("decode", "preprocess", "inference", "postprocess")),
+        "per frame decode / pre / infer / post (ms)": " / ".join(f(f"stream/{s}_ms", "{:.2f}") for s in
+                                                                 ("decode", "preprocess", "inference", "postprocess")),
+        "CPU utilisation (cores; of machine)": f"{m['stream/cpu_util']:.2f}; {m['stream/cpu_util_machine']:.0%}",
+        "mAP@0.5 / mAP@[.5:.95] / recall (vs exact boxes)": " / ".join(f(k, "{:.3f}") for k in (
+            "stream/map_50", "stream/map_50_95", "stream/recall_100")),
+        "mAP@[.5:.95] every frame inferred / reuse cost (points)": f"{f('stream/map_50_95_every_frame', '{:.3f}')} / "
+                                                                   f"{f('stream/reuse_map_cost', '{:+.2f}')}",
+        "busy fraction / average power (W, estimate)": f"{f('energy/busy_fraction', '{:.1%}')} / "
+                                                       f"{f('energy/avg_power_w', '{:.3f}')}",
+    }
+    out = []
+    for label, key, fmt in ROWS:
+        value = special[label] if key is None else (fmt.format(m[key]) if key in m else "-")
+        if value.replace(" ", "").strip("-/;") or key is not None:
+            out.append((label, value))
+    return out
+
+
+def print_table(m: dict[str, Any], title: str, notes: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    t.add_column("stream")
+    t.add_column("value", justify="right")
+    for label, value in rows(m):
+        t.add_row(label, value)
+    console = Console()
+    console.print(t)
+    for n in notes:
+        console.print(f"- {n}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    try:
+        size = check_args(a)
+        from edgebuild.stream import energy, measure
+        from edgebuild.stream.annotate import Annotator
+        from edgebuild.stream.model import from_deploy_dir
+        from edgebuild.stream.pipeline import StreamConfig
+        from edgebuild.stream.sources import open_source
+
+        if a.json and not Path(a.json).expanduser().parent.is_dir():
+            raise EdgebuildError(f"--json {a.json}: its folder does not exist", "create it or give another path")
+        t_start = time.perf_counter()
+        model, target = from_deploy_dir(a.deploy_dir)
+        frames = frames_of(a)
+        w, h = size or (model.width, model.height)
+        source = open_source(a.source, w, h, frames, seed=a.seed, num_classes=len(model.class_names or []) or 3)
+        spec = json.loads((Path(a.deploy_dir).expanduser() / "model.json").read_text())
+        precision = energy.precision_key(spec.get("precision"))
+        from omegaconf import OmegaConf
+
+        active, idle, where = energy.device_powers(OmegaConf.to_container(target.cfg.spec.power), precision)
+        if a.active_watts is not None:
+            active, where = a.active_watts, "--active-watts"
+        if a.idle_watts is not None:
+            idle = a.idle_watts
+        annotate = Annotator(Path(a.annotate).expanduser(), a.fps, model.class_names) if a.annotate else None
+        cfg = StreamConfig(fps=a.fps, frames=frames, depth=a.depth, policy=a.policy, reuse_threshold=a.reuse_threshold)
+        try:
+            metrics, result = measure(model, source, cfg, (active, idle), (a.battery_mah, a.battery_volts), t_start,
+                                      annotate)
+        finally:
+            source.close()
+    except EdgebuildError as e:
+        print(f"edgebuild.stream: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\nedgebuild.stream: interrupted; both threads stopped", file=sys.stderr)
+        return 130
+    notes = list(result.notes)
+    if "energy/mj_per_inference" in metrics:
+        notes.append(f"energy: ESTIMATES from stated powers ({active:g} W active, {idle or 0:g} W idle, {precision}; "
+                     f"{where or 'no source given'}) x the busy time measured here; formulas in "
+                     "edgebuild/stream/energy.py")
+    else:
+        notes.append("energy: no power figures (target spec.power or --active-watts): no estimate")
+    if a.annotate:
+        notes.append(f"annotated video: {a.annotate} ({metrics['stream/annotated_frames']} processed frames)")
+    title = (f"{model.describe} | {source.describe()} | {a.fps:g} FPS offered, ring {a.depth}, {a.policy}"
+             + (f", reuse < {a.reuse_threshold:g}" if a.reuse_threshold else ""))
+    print_table(metrics, title, notes)
+    if a.json:
+        Path(a.json).expanduser().write_text(json.dumps({**metrics, "stream/source": source.describe(),
+                                                         "stream/policy": a.policy, "notes": notes}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""The stream: a capture/decode thread and an inference thread over a bounded ring buffer.
+
+capture thread   every 1/fps s (a camera's clock): t_capture, read + decode one frame, put it in the ring
+ring (depth D)   full when the consumer falls behind: `drop_oldest` evicts the oldest waiting frame (counted as
+                 dropped: a live view wants the newest frame), `block` makes the capture wait (nothing is dropped;
+                 the camera's clock slips, so fewer frames are captured per second: `stream/captured_fps`)
+inference thread take the oldest waiting frame: preprocess (model.json), infer (the runtime's session),
+                 postprocess (the task's); the result is ready at t_done; e2e latency = t_done - t_capture
+                 (decode, waiting in the ring and all the model's work included)
+
+Frame reuse (`reuse_threshold` T > 0): before preprocessing, the frame is compared with the last frame that was
+inferred (mean absolute difference of 1/8-downsampled pixels, as a fraction of 255); below T the last result is
+reused and the model is not run.
+
+Both threads are real OS threads; the runtimes release the GIL while they compute, and decode / numpy do for
+their bulk work, so the two overlap as they would on a device. The stream ends after `frames` frames, at the
+end of a finite source, or on stop (Ctrl-C): both threads stop, the ring is drained or abandoned, never hangs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgebuild.errors import EdgebuildError
+
+POLICIES = ("drop_oldest", "block")
+STAGES = ("decode", "preprocess", "inference", "postprocess")
+REUSE_STRIDE = 8  # the reuse check compares every 8th pixel in each direction: ~1/64 of the frame, microseconds
+
+
+@dataclass
+class StreamConfig:
+    fps: float = 30.0  # offered frame rate (the capture clock)
+    frames: int = 300  # frames captured (fewer when a finite source ends first)
+    depth: int = 2  # ring buffer capacity, frames
+    policy: str = "drop_oldest"
+    reuse_threshold: float = 0.0  # 0: infer every frame
+
+    def check(self) -> None:
+        if not (isinstance(self.fps, (int, float)) and math.isfinite(self.fps) and self.fps > 0):
+            raise EdgebuildError(f"stream fps {self.fps} must be a positive number of frames per second",
+                                 "give --fps > 0, e.g. --fps 30 (a camera's rate)")
+        if self.frames < 1:
+            raise EdgebuildError(f"stream length {self.frames} frames: at least one frame is needed",
+                                 "give --seconds > 0 or --frames >= 1")
+        if self.depth < 1:
+            raise EdgebuildError(f"ring depth {self.depth}: the ring must hold at least one frame",
+                                 "give --depth >= 1 (2-4 is typical: small keeps latency low)")
+        if self.policy not in POLICIES:
+            raise EdgebuildError(f"unknown drop policy {self.policy!r}", f"use one of: {', '.join(POLICIES)}")
+        if not 0 <= self.reuse_threshold <= 1:
+            raise EdgebuildError(f"reuse threshold {self.reuse_threshold} is outside 0..1 (a fraction of full scale)",
+                                 "give a small fraction, e.g. 0.02, or 0 to infer every frame")
+
+
+@dataclass
+class Item:
+    frame: Any  # sources.Frame
+    t_capture: float
+    decode_s: float
+
+
+class Ring:
+    """A bounded FIFO between two threads with an explicit full policy (collections.deque + one condition)."""
+
+    def __init__(self, depth: int, policy: str):
+        self.depth, self.policy = depth, policy
+        self.items: deque[Item] = deque()
+        self.cond = threading.Condition()
+        self.closed = self.aborted = False
+        self.dropped: list[int] = []  # frame indices evicted unprocessed
+        self.high_water = 0
+
+    def put(self, item: Item) -> None:
+        with self.cond:
+            if self.policy == "block":
+                while len(self.items) >= self.depth and not self.aborted:
+                    self.cond.wait()
+            elif len(self.items) >= self.depth:
+                self.dropped.append(self.items.popleft().frame.index)
+            if self.aborted:
+                return
+            self.items.append(item)
+            self.high_water = max(self.high_water, len(self.items))
+            self.cond.notify_all()
+
+    def get(self) -> Item | None:
+        """The oldest waiting item; None once the ring is closed and empty, or aborted."""
+        with self.cond:
+            while not self.items and not (self.closed or self.aborted):
+                self.cond.wait()
+            if self.aborted or not self.items:
+                return None
+            item = self.items.popleft()
+            self.cond.notify_all()
+            return item
+
+    def close(self) -> None:  # no more puts; the consumer drains what waits
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def abort(self) -> None:  # stop now: waiting frames are abandoned, blocked threads return
+        with self.cond:
+            self.aborted = True
+            self.cond.notify_all()
+
+
+@dataclass
+class Record:
+    """One processed frame."""
+
+    index: int
+    t_capture: float
+    t_done: float
+    times: dict[str, float]  # seconds per stage (0 for a reused frame's model stages)
+    reused: bool
+    result: dict[str, Any]
+    truth: dict[str, np.ndarray] | None
+    size: tuple[int, int]  # frame (w, h)
+
+
+@dataclass
+class StreamResult:
+    metrics: dict[str, Any]
+    records: list[Record]
+    dropped: list[int]
+    notes: list[str] = field(default_factory=list)
+
+
+def _small(pixels: np.ndarray) -> np.ndarray:
+    return pixels[::REUSE_STRIDE, ::REUSE_STRIDE].astype(np.float32)
+
+
+def run(model: Any, source: Any, cfg: StreamConfig, t_start: float | None = None, sink: Any = None) -> StreamResult:
+    """Stream `source` through `model` (a StreamModel) with `cfg`; `t_start` (perf_counter, before the model was
+    loaded) dates the time to first result; `sink.put(pixels, result)` receives every processed frame (annotation)."""
+    cfg.check()
+    ring = Ring(cfg.depth, cfg.policy)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    records: list[Record] = []
+    captures: list[float] = []
+    decode_s: list[float] = []
+
+    def capture() -> None:
+        period, next_t = 1.0 / cfg.fps, time.perf_counter()
+        try:
+            for _ in range(cfg.frames):
+                wait = next_t - time.perf_counter()
+                if wait > 0 and stop.wait(wait):
+                    break
+                if stop.is_set():
+                    break
+                t_capture = time.perf_counter()
+                frame = source.read()
+                if frame is None:
+                    break
+                dt = time.perf_counter() - t_capture
+                captures.append(t_capture)
+                decode_s.append(dt)
+                ring.put(Item(frame, t_capture, dt))
+                # the camera's clock: the next frame one period later; a capture that fell behind (slow decode, a
+                # blocked ring) continues from now instead of bursting the missed frames
+                next_t = max(next_t + period, time.perf_counter() - period)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            errors.append(e)
+            stop.set()
+            ring.abort()
+        finally:
+            ring.close()
+
+    def infer() -> None:
+        last_small, last_result = None, None
+        try:
+            while True:
+                item = ring.get()
+                if item is None:
+                    break
+                pixels = item.frame.pixels
+                size = (pixels.shape[1], pixels.shape[0])
+                t0 = time.perf_counter()
+                reused = False
+                if cfg.reuse_threshold > 0:
+                    small = _small(pixels)
+                    reused = last_small is not None and small.shape == last_small.shape and \
+                        float(np.abs(small - last_small).mean()) / 255.0 < cfg.reuse_threshold
+                if reused:
+                    result = last_result
+                    t1 = t2 = t3 = time.perf_counter()
+                else:
+                    x = model.preprocess(pixels)
+                    t1 = time.perf_counter()
+                    outputs = model.infer(x)
+                    t2 = time.perf_counter()
+                    result = model.postprocess(outputs, size)
+                    t3 = time.perf_counter()
+                    last_result = result
+                    if cfg.reuse_threshold > 0:
+                        last_small = small
+                times = {"decode": item.decode_s, "preprocess": t1 - t0, "inference": t2 - t1, "postprocess": t3 - t2}
+                records.append(Record(item.frame.index, item.t_capture, t3, times, reused, result, item.frame.truth,
+                                      size))
+                if sink is not None:
+                    sink.put(pixels, result)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            errors.append(e)
+            stop.set()
+            ring.abort()
+
+    threads = [threading.Thread(target=capture, name="stream-capture", daemon=True),
+               threading.Thread(target=infer, name="stream-inference", daemon=True)]
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(0.1)  # in slices: Ctrl-C reaches the main thread
+    except KeyboardInterrupt:
+        stop.set()
+        ring.abort()
+        for t in threads:
+            t.join(5)
+        raise
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    if errors:
+        raise errors[0]
+    if not records:
+        raise EdgebuildError("the stream processed no frame: the source gave none", "check the source")
+    metrics = summarize(records, ring, captures, cfg, cpu, wall, t_start, model)
+    notes = []
+    if model.resized:
+        notes.append(f"frames of {model.resized[0]}x{model.resized[1]} were resized to the model's input "
+                     f"{model.width}x{model.height} (PIL bilinear), as model.json's preprocessing says")
+    return StreamResult(metrics, records, list(ring.dropped), notes)
+
+
+def summarize(records: list[Record], ring: Ring, captures: list[float], cfg: StreamConfig, cpu: float, wall: float,
+              t_start: float | None, model: Any) -> dict[str, Any]:
+    e2e = np.asarray([(r.t_done - r.t_capture) * 1000.0 for r in records])
+    # results per second between the first and the last result, counted like captured_fps (n - 1 intervals): a
+    # stream that keeps up processes at the offered rate, not above it
+    done = [r.t_done for r in records]
+    span = done[-1] - done[0]
+    inferred = [r for r in records if not r.reused]
+    per_stage = {s: float(sum(r.times[s] for r in records)) for s in STAGES}
+    busy = sum(per_stage.values())
+    m: dict[str, Any] = {
+        "stream/offered_fps": float(cfg.fps),
+        "stream/captured_fps": float((len(captures) - 1) / (captures[-1] - captures[0])) if len(captures) > 1
+        else float(cfg.fps),
+        "stream/fps": float((len(records) - 1) / span) if len(records) > 1 and span > 0 else float(cfg.fps),
+        "stream/frames": len(captures),
+        "stream/processed_frames": len(records),
+        "stream/dropped_frames": len(ring.dropped),
+        "stream/dropped_fraction": len(ring.dropped) / len(captures),
+        "stream/inferences": len(inferred),
+        "stream/reused_frames": len(records) - len(inferred),
+        "stream/reuse_fraction": (len(records) - len(inferred)) / len(records),
+        "stream/e2e_p50_ms": float(np.percentile(e2e, 50)),
+        "stream/e2e_p90_ms": float(np.percentile(e2e, 90)),
+        "stream/e2e_p99_ms": float(np.percentile(e2e, 99)),
+        "stream/e2e_mean_ms": float(e2e.mean()),
+        "stream/e2e_max_ms": float(e2e.max()),
+        "stream/cpu_util": cpu / wall,  # process CPU seconds per wall second, all threads: 1.0 = one core busy
+        "stream/cpu_util_machine": cpu / wall / (os.cpu_count() or 1),
+        "stream/wall_s": wall,
+        "stream/ring_depth": cfg.depth,
+        "stream/ring_high_water": ring.high_water,
+        "stream/load_ms": float(model.load_ms),
+    }
+    for s in STAGES:
+        m[f"stream/{s}_ms"] = per_stage[s] * 1000.0 / len(records if s == "decode" else (inferred or records))
+        m[f"stream/share_{s}"] = per_stage[s] / busy if busy else 0.0
+    # the model's work per inferred frame (decode aside): what energy per inference multiplies
+    m["stream/busy_ms_per_inference"] = sum(sum(r.times[s] for s in STAGES[1:]) for r in inferred) * 1000.0 / max(
+        1, len(inferred))
+    m["stream/busy_ms_per_frame"] = busy * 1000.0 / len(records)
+    if t_start is not None:  # load + compile + the first frame's capture, decode and model work
+        m["stream/first_result_ms"] = (min(r.t_done for r in records) - t_start) * 1000.0
+    return m

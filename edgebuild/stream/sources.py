@@ -1,0 +1,236 @@
+"""Where a stream's frames come from: a generated moving-shapes video with exact boxes (the default,
+`--source shapes`), a folder of image files, a video file (PyAV / FFmpeg) or a V4L2 camera (`/dev/videoN`).
+
+A source yields `Frame`s in order: uint8 RGB pixels [H, W, 3] and, for the generated video, the ground
+truth ({"boxes" float32 [k, 4] x1 y1 x2 y2 in frame pixels, "labels" int64 [k]}). `read()` is what the
+capture thread times as decode. Every problem opening a source is an `EdgebuildError` (exit 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgebuild.errors import EdgebuildError
+
+SHAPES_SOURCE = "shapes"
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".gif")
+
+
+@dataclass
+class Frame:
+    index: int
+    pixels: np.ndarray  # uint8 [H, W, 3] RGB
+    truth: dict[str, np.ndarray] | None = None
+
+
+class ShapesVideo:
+    """Seeded moving shapes on a noisy colour gradient, drawn like data=shapes (edgebuild.detection.data), so a
+    detector trained on that data sees its own kind of image. Each object has a lane (a horizontal band of its
+    own) and bounces at constant velocity inside it: objects never overlap, so every box is exact. Frame i is a
+    pure function of (seed, i): positions follow a closed-form bounce and the pixel noise is seeded by i, so a
+    frame can be drawn again later (the offline reference for frame reuse) bit for bit."""
+
+    name = SHAPES_SOURCE
+
+    def __init__(self, width: int, height: int, num_classes: int = 3, seed: int = 0, frames: int | None = None):
+        from edgebuild.detection.data import SHAPES
+
+        self.width, self.height, self.seed, self.frames = width, height, seed, frames
+        self.num_classes = max(1, min(num_classes, len(SHAPES)))
+        self.kinds = SHAPES
+        rng = np.random.default_rng([seed, 17])
+        self.c0, self.c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+        self.xx, self.yy = xx, yy
+        angle = rng.uniform(0, 2 * np.pi)
+        ramp = ((xx * np.cos(angle) + yy * np.sin(angle)) / max(width, height) + 1) / 2
+        self.background = self.c0[:, None, None] + (self.c1 - self.c0)[:, None, None] * ramp
+        lanes = int(rng.integers(1, 4))
+        lane_h = height / lanes
+        size = min(width, height)
+        self.objects = []
+        for lane in range(lanes):
+            r = rng.uniform(0.08, 0.2) * size
+            r = min(r, lane_h / 2 - 1.5)  # the shape fits its lane
+            if r < 2:
+                continue
+            colour = rng.uniform(0, 255, 3)
+            while min(np.abs(colour - self.c0).sum(), np.abs(colour - self.c1).sum()) < 150:  # visible on both ends
+                colour = rng.uniform(0, 255, 3)
+            speed = rng.uniform(0.01, 0.03) * size  # pixels per frame: a moving camera scene, not a jump cut
+            heading = rng.uniform(0, 2 * np.pi)
+            self.objects.append({
+                "kind": self.kinds[int(rng.integers(self.num_classes))], "label": None, "r": r, "colour": colour,
+                "x": (r + 1, width - r - 1), "y": (lane * lane_h + r + 1, (lane + 1) * lane_h - r - 1),
+                "p0": (rng.uniform(0, 1), rng.uniform(0, 1)),
+                "v": (speed * np.cos(heading), speed * 0.5 * np.sin(heading)),
+            })
+        for o in self.objects:
+            o["label"] = self.kinds.index(o["kind"])
+        self._next = 0
+
+    def describe(self) -> str:
+        return f"generated moving shapes {self.width}x{self.height}, {len(self.objects)} objects, seed {self.seed}"
+
+    @staticmethod
+    def _bounce(lo: float, hi: float, start: float, offset: float) -> float:
+        """Position after moving `offset` pixels from `start` (a fraction of the range) between walls lo..hi."""
+        span = hi - lo
+        if span <= 0:
+            return lo
+        t = (start * span + offset) % (2 * span)
+        return lo + (t if t <= span else 2 * span - t)
+
+    def frame(self, i: int) -> Frame:
+        from edgebuild.detection.data import shape_mask
+
+        rng = np.random.default_rng([self.seed, 29, i])
+        img = self.background + rng.normal(0, 12, self.background.shape)
+        boxes, labels = [], []
+        for o in self.objects:
+            cx = self._bounce(*o["x"], o["p0"][0], o["v"][0] * i)
+            cy = self._bounce(*o["y"], o["p0"][1], o["v"][1] * i)
+            mask = shape_mask(o["kind"], self.xx, self.yy, cx, cy, o["r"])
+            if not mask.any():
+                continue
+            img[:, mask] = o["colour"][:, None] + rng.normal(0, 8, (3, int(mask.sum())))
+            ys, xs = np.nonzero(mask)
+            boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+            labels.append(o["label"])
+        pixels = img.clip(0, 255).round().astype(np.uint8).transpose(1, 2, 0)
+        return Frame(i, np.ascontiguousarray(pixels), {"boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+                                                       "labels": np.asarray(labels, np.int64)})
+
+    def read(self) -> Frame | None:
+        if self.frames is not None and self._next >= self.frames:
+            return None
+        self._next += 1
+        return self.frame(self._next - 1)
+
+    def close(self) -> None:
+        pass
+
+
+class MemorySource:
+    """Frames already decoded, in memory (e.g. `ShapesVideo(...).frame(i)` drawn beforehand): capture costs a list
+    lookup, so the stream measures the model's side alone and a fast producer is guaranteed."""
+
+    def __init__(self, frames: list[Frame], name: str = "frames in memory"):
+        self.frames, self.name, self._next = frames, name, 0
+
+    def describe(self) -> str:
+        return f"{len(self.frames)} {self.name}"
+
+    def frame(self, i: int) -> Frame:
+        return self.frames[i]
+
+    def read(self) -> Frame | None:
+        if self._next >= len(self.frames):
+            return None
+        self._next += 1
+        return self.frames[self._next - 1]
+
+    def close(self) -> None:
+        pass
+
+
+class FolderSource:
+    """Image files of a folder, in name order (decoded with PIL as edgebuild's data loaders do)."""
+
+    def __init__(self, root: Path):
+        from edgebuild.data import IMAGE_SUFFIXES
+
+        self.root = root
+        self.files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise EdgebuildError(f"stream source {root}: no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder",
+                                 "give a folder of frames (e.g. frame_0001.png ...), a video file, or --source shapes")
+        self._next = 0
+
+    def describe(self) -> str:
+        return f"{len(self.files)} image files of {self.root}"
+
+    def read(self) -> Frame | None:
+        from edgebuild.data import _decode
+
+        if self._next >= len(self.files):
+            return None
+        path = self.files[self._next]
+        self._next += 1
+        return Frame(self._next - 1, _decode(path.read_bytes(), str(path)))
+
+    def close(self) -> None:
+        pass
+
+
+class VideoSource:
+    """A video file or a V4L2 camera, decoded by PyAV (FFmpeg): frames converted to RGB as they arrive."""
+
+    def __init__(self, path: str, camera: bool = False):
+        import av
+
+        self.path, self.camera = path, camera
+        fix = ("give a readable video file (any format FFmpeg decodes: mp4, mkv, avi, ...), a folder of frames, "
+               "or --source shapes")
+        try:
+            self.container = av.open(path, format="v4l2" if camera else None)
+            self.stream = self.container.streams.video[0]
+        except IndexError:
+            raise EdgebuildError(f"stream source {path}: no video stream in the file", fix) from None
+        except (av.error.FFmpegError, OSError, ValueError) as e:
+            raise EdgebuildError(f"stream source {path} cannot be opened as video: {e}", fix) from None
+        self.stream.thread_type = "AUTO"
+        self.native_fps = float(self.stream.average_rate) if self.stream.average_rate else None
+        self._frames = self.container.decode(self.stream)
+        self._next = 0
+        try:  # decode the first frame now: a corrupt file fails before the stream starts, with exit 2
+            self._first: Any = next(self._frames)
+        except StopIteration:
+            raise EdgebuildError(f"stream source {path}: the video has no frames", fix) from None
+        except (av.error.FFmpegError, OSError, ValueError) as e:
+            raise EdgebuildError(f"stream source {path}: cannot decode its first frame: {e}", fix) from None
+
+    def describe(self) -> str:
+        what = "camera" if self.camera else "video"
+        return f"{what} {self.path} ({self.stream.codec_context.name}, {self.stream.width}x{self.stream.height})"
+
+    def read(self) -> Frame | None:
+        import av
+
+        if self._first is not None:
+            frame, self._first = self._first, None
+        else:
+            try:
+                frame = next(self._frames)
+            except StopIteration:
+                return None
+            except av.error.FFmpegError:  # a damaged tail ends the stream like the end of the file
+                return None
+        self._next += 1
+        return Frame(self._next - 1, frame.to_ndarray(format="rgb24"))
+
+    def close(self) -> None:
+        self.container.close()
+
+
+def open_source(source: str, width: int, height: int, frames: int | None, seed: int = 0,
+                num_classes: int = 3) -> Any:
+    """`shapes` (generated at width x height), a /dev/video* camera, a folder of frames, or a video file."""
+    if source == SHAPES_SOURCE:
+        return ShapesVideo(width, height, num_classes=num_classes, seed=seed, frames=frames)
+    if source.startswith("/dev/video"):
+        if not Path(source).exists():
+            raise EdgebuildError(f"stream source {source}: no such camera device",
+                                 "plug in a camera (ls /dev/video*), or use a video file or --source shapes")
+        return VideoSource(source, camera=True)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise EdgebuildError(f"stream source {source} does not exist",
+                             "give an existing video file, a folder of frames, or --source shapes (generated)")
+    if path.is_dir():
+        return FolderSource(path)
+    return VideoSource(str(path))

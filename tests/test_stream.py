@@ -1,0 +1,201 @@
+"""Streaming (edgebuild/stream): a real tiny SSD build streamed through real capture and inference threads.
+Properties, not speeds: block drops nothing and keeps order, a tiny ring under a producer that is structurally
+faster than inference drops and counts, streamed results equal the offline ones, the annotated video decodes with
+the processed frame count, the energy arithmetic matches a hand-computed example, bad input is exit 2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from edgebuild import testing
+from edgebuild.errors import EdgebuildError
+from edgebuild.stream import energy, measure, pipeline
+from edgebuild.stream.__main__ import main
+from edgebuild.stream.model import from_deploy_dir
+from edgebuild.stream.sources import FolderSource, MemorySource, ShapesVideo, VideoSource
+from tests.conftest import ROOT
+
+SMALL = ["data.num_samples=200", "data.image_size=96", "model.kwargs.width=8", "stages.train.epochs=4",
+         "stages.train.optimizer.lr=0.01", "data.batch_size=16", "budget.min_map=null", "budget.max_map_drop=null",
+         "stages.quantize=null", "eval.stream.enabled=true", "eval.stream.seconds=1"]
+ACCEPTANCE_KEYS = ["stream/fps", "stream/offered_fps", "stream/dropped_frames", "stream/e2e_p50_ms",
+                   "stream/e2e_p90_ms", "energy/mj_per_inference", "battery/hours"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stream")
+    return tmp, testing.build(testing.shrink(tmp) + SMALL, tmp, recipe="ssd_int8")
+
+
+@pytest.fixture(scope="module")
+def model(built):
+    return from_deploy_dir(Path(built[1]["deploy"]))[0]
+
+
+def frames_of(model, n, seed=0):
+    video = ShapesVideo(model.width, model.height, num_classes=3, seed=seed)
+    return [video.frame(i) for i in range(n)]
+
+
+def stream(model, source, **kw):
+    cfg = pipeline.StreamConfig(**{"fps": 1e6, "frames": 10**6, "depth": 2, **kw})
+    return measure(model, source, cfg, (2.0, 0.1), (1000.0, 3.7))
+
+
+def test_build_records_stream_metrics_on_the_final_stage(built):
+    _, s = built
+    m = s["stages"][-1]["metrics"]
+    for key in ACCEPTANCE_KEYS + ["stream/e2e_p99_ms", "stream/map_50", "stream/load_ms", "stream/cpu_util"]:
+        assert key in m, key
+    assert m["stream/frames"] == 30 and m["stream/processed_frames"] + m["stream/dropped_frames"] == 30
+    assert m["energy/estimated"] == 1.0 and m["energy/active_w"] == 7.5  # conf/target/cpu.yaml spec.power
+    assert any("stream:" in n for n in s["notes"])
+
+
+def test_block_policy_drops_nothing_and_keeps_order(model):
+    frames = frames_of(model, 40)
+    m, result = stream(model, MemorySource(frames), depth=1, policy="block")
+    assert m["stream/dropped_frames"] == 0 and m["stream/processed_frames"] == m["stream/frames"] == 40
+    assert [r.index for r in result.records] == list(range(40))
+
+
+def test_a_tiny_ring_under_a_fast_producer_drops_and_reports(model):
+    # the producer reads frames already in memory (microseconds), the consumer runs a network: it falls behind
+    frames = frames_of(model, 60)
+    m, result = stream(model, MemorySource(frames), depth=1, policy="drop_oldest")
+    assert m["stream/dropped_frames"] > 0 and m["stream/dropped_frames"] == len(result.dropped)
+    assert m["stream/processed_frames"] + m["stream/dropped_frames"] == m["stream/frames"] == 60
+    processed = [r.index for r in result.records]
+    assert processed == sorted(processed) and not set(processed) & set(result.dropped)
+    assert m["stream/ring_high_water"] == 1
+
+
+def test_latency_percentiles_are_ordered_and_cover_the_model(model):
+    m, _ = stream(model, MemorySource(frames_of(model, 30)), fps=30.0)
+    assert 0 < m["stream/e2e_p50_ms"] <= m["stream/e2e_p90_ms"] <= m["stream/e2e_p99_ms"] <= m["stream/e2e_max_ms"]
+    # the e2e time of a frame contains its own preprocess + inference + postprocess
+    assert m["stream/e2e_mean_ms"] >= m["stream/preprocess_ms"] + m["stream/inference_ms"] + m["stream/postprocess_ms"]
+    assert abs(sum(m[f"stream/share_{s}"] for s in pipeline.STAGES) - 1) < 1e-9
+    assert m["stream/cpu_util"] > 0 and m["stream/load_ms"] > 0
+
+
+def test_streamed_detections_equal_the_offline_ones_in_order(model):
+    frames = frames_of(model, 20)
+    m, result = stream(model, MemorySource(frames), policy="block")
+    assert [r.index for r in result.records] == list(range(20))
+    for r, f in zip(result.records, frames, strict=True):
+        offline = model.postprocess(model.infer(model.preprocess(f.pixels)), (model.width, model.height))
+        for k in ("boxes", "scores", "labels"):
+            np.testing.assert_array_equal(r.result[k], offline[k])
+    from edgebuild.stream.quality import detection_map
+
+    q = detection_map([r.result for r in result.records], [f.truth for f in frames])
+    assert m["stream/map_50_95"] == q["map/50_95"] and m["stream/map_50"] == q["map/50"]
+
+
+def test_frame_reuse_saves_inferences_and_measures_its_cost(model):
+    frames = frames_of(model, 30)
+    every, _ = stream(model, MemorySource(frames), policy="block")
+    m, result = stream(model, MemorySource(frames), policy="block", reuse_threshold=1.0)  # everything but the first
+    assert m["stream/inferences"] == 1 and m["stream/reuse_fraction"] == pytest.approx(29 / 30)
+    assert all(r.reused for r in result.records[1:])
+    # the reference is every frame inferred: exactly the stream without reuse on the same frames
+    assert m["stream/map_50_95_every_frame"] == every["stream/map_50_95"]
+    assert m["stream/reuse_map_cost"] == pytest.approx((every["stream/map_50_95"] - m["stream/map_50_95"]) * 100)
+    off, _ = stream(model, MemorySource(frames), policy="block", reuse_threshold=0.0)
+    assert off["stream/reused_frames"] == 0
+
+
+def test_moving_shapes_video_is_seeded_exact_and_moves():
+    v = ShapesVideo(96, 96, seed=3)
+    a, b = v.frame(5), ShapesVideo(96, 96, seed=3).frame(5)
+    np.testing.assert_array_equal(a.pixels, b.pixels)
+    np.testing.assert_array_equal(a.truth["boxes"], b.truth["boxes"])
+    later = v.frame(25)
+    assert len(later.truth["boxes"]) == len(a.truth["boxes"]) >= 1
+    assert not np.array_equal(later.truth["boxes"], a.truth["boxes"])  # the shapes moved
+    x1, y1, x2, y2 = a.truth["boxes"][0].astype(int)  # the box is tight on the drawn shape
+    assert 0 <= x1 < x2 <= 96 and 0 <= y1 < y2 <= 96
+
+
+def test_energy_arithmetic_matches_a_hand_computed_example():
+    e = energy.estimate(busy_s=0.020, inferences_per_s=10, active_w=2.0, idle_w=0.1, battery_mah=1000, battery_v=3.7)
+    assert e["energy/busy_fraction"] == pytest.approx(0.2)
+    assert e["energy/mj_per_inference"] == pytest.approx(40.0)
+    assert e["energy/avg_power_w"] == pytest.approx(0.48)
+    assert e["battery/hours"] == pytest.approx(3.7 / 0.48)
+    active, idle, _ = energy.device_powers({"active_ma": {"int8": 100.0}, "sleep_ma": 1.0, "volts": 3.3}, "int8")
+    assert (active, idle) == (pytest.approx(0.33), pytest.approx(0.0033))
+
+
+def test_cli_annotates_a_decodable_video_and_writes_the_json(built, tmp_path):
+    out, js = tmp_path / "a.mp4", tmp_path / "s.json"
+    p = subprocess.run([sys.executable, "-m", "edgebuild.stream", built[1]["deploy"], "--source", "shapes", "--fps",
+                        "30", "--frames", "24", "--policy", "block", "--annotate", str(out), "--json", str(js)],
+                       capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin"},
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "processed FPS" in p.stdout and "e2e latency" in p.stdout
+    j = json.loads(js.read_text())
+    assert all(k in j for k in ACCEPTANCE_KEYS) and j["stream/processed_frames"] == 24
+    with av.open(str(out)) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 24 == j["stream/annotated_frames"]
+    # the annotated video streams back in as a video file; its frames as a folder
+    video = VideoSource(str(out))
+    m, _ = stream(from_deploy_dir(Path(built[1]["deploy"]))[0], video, policy="block")
+    assert m["stream/processed_frames"] == 24 and "stream/map_50" not in m  # no ground truth in a file
+
+
+def test_folder_source_streams_every_file_and_resizes(model, tmp_path):
+    from PIL import Image
+
+    for f in ShapesVideo(64, 48).frame(0), ShapesVideo(64, 48).frame(1):
+        Image.fromarray(f.pixels).save(tmp_path / f"frame_{f.index:03d}.png")
+    m, result = stream(model, FolderSource(tmp_path), policy="block")
+    assert m["stream/processed_frames"] == 2 and result.notes and "resized" in result.notes[0]
+    assert all(r.size == (64, 48) for r in result.records)
+
+
+@pytest.mark.parametrize("args, says", [
+    pytest.param(["{missing}"], "does not exist", id="missing-deploy-dir"),
+    pytest.param(["{bad_json}"], "model.json", id="malformed-model-json"),
+    pytest.param(["{deploy}", "--source", "/nonexistent/video.mp4"], "does not exist", id="missing-source"),
+    pytest.param(["{deploy}", "--source", "{corrupt}"], "cannot be opened as video", id="corrupt-video"),
+    pytest.param(["{deploy}", "--fps", "0"], "--fps", id="fps-zero"),
+    pytest.param(["{deploy}", "--fps", "-5"], "--fps", id="fps-negative"),
+    pytest.param(["{deploy}", "--depth", "0"], "ring depth", id="ring-depth-0"),
+], )
+def test_bad_input_is_exit_2_with_one_message(built, tmp_path, capsys, args, says):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.json").write_text("{not json")
+    corrupt = tmp_path / "video.mp4"
+    corrupt.write_bytes(b"\x00garbage" * 100)
+    paths = {"missing": str(tmp_path / "nope"), "bad_json": str(bad), "deploy": built[1]["deploy"],
+             "corrupt": str(corrupt)}
+    assert main([a.format(**paths) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "fix:" in err and "Traceback" not in err
+
+
+def test_missing_video_from_the_command_line_is_clean(built):
+    p = subprocess.run([sys.executable, "-m", "edgebuild.stream", built[1]["deploy"], "--source", "/nonexistent.mp4"],
+                       capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin"}, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "fix:" in p.stderr
+
+
+def test_eval_stream_options_are_checked_at_plan_time(tmp_path):
+    from edgebuild.pipeline import plan
+
+    with pytest.raises(EdgebuildError, match="eval.stream.policy"):
+        plan(testing.compose(testing.shrink(tmp_path) + ["eval.stream.policy=newest"]))
+    with pytest.raises(EdgebuildError, match="eval.stream.depth"):
+        plan(testing.compose(testing.shrink(tmp_path) + ["eval.stream.depth=0"]))
+    with pytest.raises(EdgebuildError, match="eval.stream.fps"):
+        plan(testing.compose(testing.shrink(tmp_path) + ["eval.stream.fps=0"]))
