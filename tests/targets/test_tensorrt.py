@@ -80,3 +80,17 @@ def test_int8_that_would_stay_float_fails_the_stage(tmp_path):
 def test_a_precision_it_does_not_have_is_refused():
     with pytest.raises(EdgebuildError, match="runtime tensorrt has no inference precision 'int8'"):
         TensorRTRuntime(testing.compose(["target=tensorrt", "target.precision=int8"]).target)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["target=tensorrt", "target.require_device=true"], "no NVIDIA GPU (the Python package tensorrt is not installed"),
+    (["target=tensorrt", "target.precision=bf16"], "runtime tensorrt has no inference precision 'bf16'"),
+    (["target=executorch", "target.precision=bf16"], "runtime executorch has no inference precision 'bf16'"),
+])
+def test_bad_runtime_input_is_exit_2_one_message_nothing_written(args, message, tmp_path):
+    from tests.conftest import run_cli
+
+    result = run_cli(["tracking=none", "eval=fast", *FAST, *args], tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 2 and message in out and "Traceback" not in out, out[-2000:]
+    assert not list(tmp_path.glob("outputs/cache/*/*/result.json")) and not list(tmp_path.glob("outputs/**/summary.json"))
