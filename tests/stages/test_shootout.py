@@ -20,10 +20,11 @@ def installed() -> set[str]:
     out = set()
     for cls in formats().values():
         try:
-            cls.__new__(cls).available_devices()
+            devices = cls.__new__(cls).available_devices()
         except Exception:  # a missing package: not a candidate
             continue
-        out.add(cls.name)
+        if devices:  # no device (TensorRT without a GPU): unmeasured, not a candidate
+            out.add(cls.name)
     return out
 
 
