@@ -35,3 +35,16 @@ def check(metrics: dict[str, Any], budgets: list[tuple[str, Any]]) -> dict[str, 
             checks.append({"budget": key, "source": source, "metric": metric, "op": op, "limit": limit,
                            "value": value, "ok": bool(ok)})
     return {"ok": all(c["ok"] for c in checks), "checks": checks}
+
+
+def check_pick(checked: dict[str, Any], pick: dict[str, Any] | None) -> dict[str, Any]:
+    """A stage that chose among candidates by the budget (summary "pick") and found none within it fails
+    the build, whatever the kept candidate's own check says (its latency, timed apart, may pass a limit
+    every candidate missed when timed together)."""
+    if not pick:
+        return checked
+    met = sum(bool(c.get("budget_ok")) for c in pick["candidates"])
+    check = {"budget": "candidates", "source": pick["stage"], "metric": "candidates within budget", "op": ">=",
+             "limit": 1, "value": met, "ok": met >= 1}
+    checks = [*checked["checks"], check]
+    return {"ok": all(c["ok"] for c in checks), "checks": checks}

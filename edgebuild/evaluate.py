@@ -181,6 +181,8 @@ def measure_static(artifact: Any, folder: Path, ctx: Any) -> tuple[dict[str, Any
     if artifact.kind == "torch":
         metrics["macs"], metrics["params"] = count_macs(artifact.load_torch(), artifact.meta["input_shape"])
     metrics.update(size_metrics(deployable.root, deployable.files))
+    if ctx.target.unmeasured:  # nothing can run it here: no quality rather than another runtime's
+        return metrics, deployable, {}
     q, tables = score(deployable, ctx)
     metrics.update(q)
     return metrics, deployable, tables
@@ -189,6 +191,11 @@ def measure_static(artifact: Any, folder: Path, ctx: Any) -> tuple[dict[str, Any
 def measure_runtime(deployable: Any, ctx: Any, macs: float | None) -> dict[str, Any]:
     """Re-measured on every build, never cached: latency on the compiled artifact and what ran."""
     target = ctx.target
+    if target.unmeasured:  # no latency recorded as this runtime's; the spec's roofline estimate is labelled so
+        est = target.estimate_ms(macs, sum((deployable.root / f).stat().st_size for f in deployable.files),
+                                 str(deployable.meta.get("precision", "fp32")))
+        return {"latency/unmeasured": target.unmeasured, "latency/threads": int(target.cfg.threads),
+                **({"latency/estimate_ms": est} if est is not None else {})}
     session = load(deployable, ctx, 1)
     metrics: dict[str, Any] = dict(session.runtime_info())
     metrics["latency/load_ms"] = session.load_ms

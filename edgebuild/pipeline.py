@@ -145,9 +145,11 @@ class Builder:
         }[section]
 
     def stage_key(self, stage: Stage, inputs: list[Artifact]) -> str:
+        extra = stage.cache_inputs(self.cfg)
         return cache_key({"kind": stage.kind, "version": stage.version, "params": stage.params(),
                           "inputs": [a.digest for a in inputs], "seed": self.cfg.seed,
-                          "uses": {s: self._uses(s) for s in stage.uses}})
+                          "uses": {s: self._uses(s) for s in stage.uses},
+                          **({"extra": extra} if extra else {})})  # absent when empty: other stages' keys unchanged
 
     def measure_key(self, artifact: Artifact) -> str:
         target = {k: v for k, v in _plain(self.cfg.target).items() if k not in ("budget", "require_device", "spec")}
@@ -298,12 +300,20 @@ class Builder:
                 self.stream(summary, runs)
                 deploy_dir = self.package(self.stages[-1][0])
                 summary["deploy"] = str(deploy_dir)
-                if self.target.is_proxy:
+                if self.target.unmeasured:
+                    summary["notes"].append(f"unmeasured: {self.target.unmeasured}: target {cfg.target.name} records "
+                                            "no latency or quality (no CPU numbers stand in for its device); "
+                                            "latency/estimate_ms is the spec's roofline")
+                elif self.target.is_proxy:
                     summary["notes"].append(f"target device {cfg.target.device} is not on this machine: latency was "
                                             f"measured on the CPU as a proxy (latency/proxy_device)")
                 summary["data"] = self.data.split_origins()  # where each split came from
                 final = summary["stages"][-1]["metrics"]
-                summary["budget"] = budgets.check(final, [("recipe", cfg.budget), ("target", cfg.target.budget)])
+                summary["budget"] = budgets.check_pick(
+                    budgets.check(final, [("recipe", cfg.budget), ("target", cfg.target.budget)]), summary.get("pick"))
+                for c in summary["budget"]["checks"]:  # a limit nothing could measure is not met, and says why
+                    if c["value"] is None and self.target.unmeasured:
+                        c["value"] = f"unmeasured: {self.target.unmeasured}"
                 # the final deployable's metrics on the parent too (the same keys as its stage run); then the
                 # logged model, to which MLflow links the run's metrics
                 parent.record({**final, "budget/ok": summary["budget"]["ok"]})
@@ -365,9 +375,12 @@ class Builder:
         if not (cfg.enabled and cfg.rounds):
             return
         names = [name for name, _, _ in self.stages]
+        ctxs = {n: self._measure_ctx(self.deployable(n)) for n in names}
+        names = [n for n in names if not ctxs[n].target.unmeasured]  # nothing of theirs runs here
+        if not names:
+            return
         deployables = [self.deployable(n) for n in names]
-        results, medians = interleaved_latency(deployables, [self._measure_ctx(d) for d in deployables],
-                                               int(cfg.rounds))
+        results, medians = interleaved_latency(deployables, [ctxs[n] for n in names], int(cfg.rounds))
         for name, extra in zip(names, results, strict=True):
             self.measured[name].update(extra)  # the same dict as the stage's summary row
             runs[name].record(extra)

@@ -66,6 +66,11 @@ class Stage:
     def check(self, cfg: Any) -> None:
         """Compose-time validation against the whole build config; raise EdgebuildError."""
 
+    def cache_inputs(self, cfg: Any) -> dict[str, Any]:
+        """What else decides this stage's output besides its fields, inputs and `uses` (e.g. which runtimes
+        are installed, at which versions); it enters the cache key. Light: no heavy imports."""
+        return {}
+
     def run(self, ctx: Any) -> StageResult:
         raise NotImplementedError
 

@@ -115,3 +115,9 @@ def test_every_runtime_declares_the_interface():
                             (base.WEIGHTS_FP16, "compress_weights"), (base.PROFILE, "profile")]:
             if cls.supports(cap):  # a declared capability is implemented, not the base's NotImplementedError
                 assert getattr(cls, method) is not getattr(base.Runtime, method), (name, cap)
+        assert cls.packages and isinstance(cls.export_by_default, bool) and isinstance(cls.cpu_proxy, bool), name
+
+
+def test_the_export_stage_reads_declared_attributes_not_probes():
+    source = (ROOT / "edgebuild" / "stages" / "export.py").read_text()
+    assert "getattr(" not in source and "hasattr(" not in source

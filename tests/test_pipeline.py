@@ -38,7 +38,7 @@ def test_every_stage_is_measured_the_same_way(built):
         assert st["cache_hit"] is False
     train = s["stages"][0]["metrics"]
     assert train["acc/top1"] > 0.6
-    assert train["runtime/precision"] == "f32"  # the cpu target states true FP32
+    assert train["runtime/precision"] == "fp32" and train["runtime/precision_raw"] == "f32"  # true FP32 stated
     assert s["budget"]["ok"] is True and s["budget"]["checks"][0]["budget"] == "min_acc"
 
 

@@ -48,11 +48,12 @@ class Export(Stage):
         wanted = [ctx.target.format] if ctx.target.format in known else []
         # default: the formats runtimes export unasked (heavy converters, e.g. ExecuTorch and LiteRT, only
         # when they are the target or named in formats: they would slow every build and need an extra)
-        default = [f for f, cls in known.items() if getattr(cls, "export_by_default", True)]
+        default = [f for f, cls in known.items() if cls.export_by_default]
         formats = list(dict.fromkeys([*wanted, *(self.formats or default)]))
         files: list[str] = []
         for fmt in formats:
             files += known[fmt](ctx.target.cfg).export(source, ctx.workdir, ctx.task.output_names,
                                                        self.dynamic_batch, self.opset)
         meta = {**source.meta, "formats": formats, "precision": "fp32"}
-        return StageResult(Artifact(formats[0], ctx.workdir, files, meta=meta))
+        # formats sharing a file (TensorRT's engine source is the ONNX) list it once
+        return StageResult(Artifact(formats[0], ctx.workdir, list(dict.fromkeys(files)), meta=meta))

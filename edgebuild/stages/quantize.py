@@ -84,9 +84,13 @@ class Quantize(Stage):
             request.score = primary_metric_fn(ctx)
         result = ctx.target.runtime.quantize(ctx.input, request, ctx.workdir, scratch)
         artifact = result.artifact
+        metrics: dict[str, Any] = {"quantize/calibration_samples": int(len(calibration))}
+        if ctx.target.unmeasured:  # nothing runs here: the runtime checked its INT8 graph in quantize()
+            shutil.rmtree(scratch)
+            return StageResult(artifact, metrics, notes=[f"unmeasured: {ctx.target.unmeasured}; INT8 checked in "
+                                                         "the graph only, no speed-up timed"])
         fp_layers = verify_int8(ctx, artifact, self.kind)
-        metrics: dict[str, Any] = {"quantize/fp_layers": len(fp_layers),
-                                   "quantize/calibration_samples": int(len(calibration))}
+        metrics["quantize/fp_layers"] = len(fp_layers)
         notes = []
         if self.max_drop is not None:
             notes.append(f"accuracy control kept {len(fp_layers)} layer(s) in floating point"

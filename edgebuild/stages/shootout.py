@@ -15,10 +15,12 @@ build's deployable, measured and packaged on its own runtime).
   against the FP32 candidate of the build's runtime (what the build's first stage measured).
 - The pick: fastest among the candidates meeting the recipe's and the target's budget (`budget.check`,
   latency = the interleaved median). None meets it: the most accurate is returned with a note, and the
-  build's budget check then fails (exit 1) with the table.
+  build fails (exit 1) with the table whatever the kept model's own check says (`budget.check_pick`:
+  e.g. a latency limit every candidate missed interleaved, which the kept model alone may pass).
 - Every candidate is a step (a nested MLflow run of the stage's run); the pick's step has "pick": true.
   The timings belong to the stage's cached result: a cached rebuild keeps its pick (the end-of-build
-  interleaved pass still re-times the pick beside the other stages).
+  interleaved pass still re-times the pick beside the other stages). The candidate set (runtime names and
+  their packages' versions) is in the cache key: installing or upgrading a runtime reruns the shootout.
 """
 
 from __future__ import annotations
@@ -50,6 +52,13 @@ class Shootout(Stage):
     runtimes: list[str] = field(default_factory=list)  # empty: every registered runtime installed here
     precisions: list[str] = field(default_factory=lambda: list(PRECISIONS))
     rounds: int = bounded(5, ge=1)  # interleaved timing rounds (median of the per-round medians)
+
+    def cache_inputs(self, cfg: Any) -> dict[str, Any]:
+        """The candidate set: which runtimes would compete, at which package versions."""
+        from edgebuild.targets import load_runtimes
+
+        classes = load_runtimes()
+        return {"candidates": {name: classes[name].versions() for name in candidate_names(cfg.target, self.runtimes)}}
 
     def check(self, cfg: Any) -> None:
         from edgebuild.targets import RUNTIMES
@@ -105,21 +114,16 @@ class Shootout(Stage):
 
     def _targets(self, ctx: Any, notes: list[str]) -> list[Any]:
         """The build's target on every candidate runtime that is installed and has the target's device."""
-        from edgebuild.targets import formats, runtime_class
-
-        if self.runtimes:
-            names = list(self.runtimes)
-        else:  # one runtime per format; the build's own runtime for its format (a stand-in sharing it is not one)
-            by_format = {f: cls.name for f, cls in formats().items()}
-            by_format[ctx.target.format] = runtime_class(ctx.target.cfg).name
-            names = list(by_format.values())
         out = []
-        for name in names:
+        for name in candidate_names(ctx.target.cfg, self.runtimes):
             try:
                 target = ctx.target.for_runtime(name)
                 target.check()  # reads the devices: a missing package is an EdgebuildError/ImportError here
             except (EdgebuildError, ImportError) as e:
                 notes.append(f"{name}: not a candidate, {getattr(e, 'what', e)}")
+                continue
+            if target.unmeasured:  # e.g. a GPU runtime without its GPU: no numbers to compare
+                notes.append(f"{name}: not a candidate, unmeasured: {target.unmeasured}")
                 continue
             out.append(target)
         return out
@@ -182,6 +186,19 @@ class Shootout(Stage):
             row["violations"] = [f"{c['metric']} {c['value'] if c['value'] is None else round(c['value'], 4)} "
                                  f"not {c['op']} {c['limit']}" for c in checked["checks"] if not c["ok"]]
         return rows
+
+
+def candidate_names(target_cfg: Any, runtimes: list[str]) -> list[str]:
+    """`runtimes` if given; else one runtime per registered format, the build's own runtime for its format
+    (a stand-in sharing a format, like mcu, is not a candidate of its own)."""
+    from edgebuild.targets import formats, runtime_class
+
+    if runtimes:
+        return list(runtimes)
+    by_format = {f: cls.name for f, cls in formats().items()}
+    own = runtime_class(target_cfg)
+    by_format[own.format] = own.name
+    return list(by_format.values())
 
 
 def choose(rows: list[dict[str, Any]]) -> tuple[int, list[str]]:

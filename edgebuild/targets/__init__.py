@@ -18,6 +18,7 @@ RUNTIMES = {
     "mcu": "edgebuild.targets.mcu:MCURuntime",  # estimates for microcontrollers; OpenVINO CPU stand-in
     "executorch": "edgebuild.targets.executorch:ExecuTorchRuntime",  # .pte, XNNPACK (extra: runtimes)
     "litert": "edgebuild.targets.litert:LiteRTRuntime",  # .tflite via litert-torch (extra: runtimes)
+    "tensorrt": "edgebuild.targets.tensorrt:TensorRTRuntime",  # NVIDIA GPUs; unmeasured without one
 }
 
 
@@ -76,6 +77,7 @@ class Target:
         self.cfg = cfg
         self.runtime = runtime_class(cfg)(cfg)
         self._device: str | None = None
+        self._unmeasured: str | None = None
 
     def for_runtime(self, name: str) -> Target:
         """This target (device, threads, spec, budget) on another registered runtime: what a runtime
@@ -109,10 +111,17 @@ class Target:
                 self._device = wanted
             elif self.cfg.require_device:
                 raise EdgebuildError(
-                    f"target {self.cfg.name!r} requires device {wanted}, but this machine has only {available}",
-                    "run on a machine with that device, "
-                    "or drop target.require_device=true to measure on the CPU as a proxy",
+                    f"target {self.cfg.name!r} requires device {wanted}, but this machine has only {available} "
+                    f"({self.runtime.absent_device(wanted)})",
+                    "run on a machine with that device, or drop target.require_device=true to "
+                    + ("measure on the CPU as a proxy" if self.runtime.cpu_proxy else
+                       "build without measuring (the build then states what went unmeasured)"),
                 )
+            elif not self.runtime.cpu_proxy:  # CPU numbers would mean nothing for this device: record none
+                self._unmeasured = self.runtime.absent_device(wanted)
+                log.warning("target %s: unmeasured: %s; no latency or quality is recorded for it", self.cfg.name,
+                            self._unmeasured)
+                self._device = wanted
             else:
                 log.warning("target %s: device %s is not present (have %s); latency is measured on the CPU as "
                             "a proxy and estimated from the target's spec", self.cfg.name, wanted, available)
@@ -122,6 +131,12 @@ class Target:
     @property
     def is_proxy(self) -> bool:
         return self.device != self.cfg.device
+
+    @property
+    def unmeasured(self) -> str | None:
+        """Why nothing can run here (the device is absent and the runtime has no CPU proxy), else None."""
+        _ = self.device
+        return self._unmeasured
 
     def check(self) -> None:
         """Fail early (before any work) when the target cannot be used."""
@@ -140,7 +155,8 @@ class Target:
 
     def describe(self) -> dict[str, Any]:
         return {"target": self.cfg.name, "runtime": self.cfg.runtime, "device": self.cfg.device,
-                "measured_on": self.device, "precision_hint": self.cfg.precision, "threads": self.cfg.threads}
+                "measured_on": None if self.unmeasured else self.device, "precision_hint": self.cfg.precision,
+                "threads": self.cfg.threads, **({"unmeasured": self.unmeasured} if self.unmeasured else {})}
 
 
 def make_target(cfg: Any) -> Target:

@@ -53,12 +53,26 @@ PROFILE = "profile"  # Runtime.profile: per-layer times
 
 # Keys `Session.runtime_info()` may return (any subset beyond the first; the pipeline records them all).
 RUNTIME_INFO = {
-    "runtime/precision": "precision most compute layers ran in, in the runtime's words (f32, bf16, u8, int8...)",
+    "runtime/precision": "precision most compute layers ran in, one vocabulary for every runtime (PRECISION_LABELS)",
+    "runtime/precision_raw": "the same in the runtime's own words (OpenVINO: f32, bf16, u8, i8...), where they differ",
     "int8/ops_fraction": "fraction of compute layers that ran INT8 (0..1)",
     "runtime/delegated_fraction": "fraction of compute delegated to an accelerator backend (e.g. XNNPACK)",
     "runtime/compute_ops": "number of compute layers (conv, matmul...) in what ran",
     "runtime/inference_precision_hint": "the precision the runtime was asked for, as it reports it",
 }
+
+
+# What `runtime/precision` says, whatever the runtime calls it: budgets, reports and the shootout compare
+# labels across runtimes, so OpenVINO's "u8" and another runtime's "int8" must read the same.
+PRECISION_LABELS = {"f32": "fp32", "fp32": "fp32", "float32": "fp32", "f16": "fp16", "fp16": "fp16",
+                    "float16": "fp16", "half": "fp16", "float": "fp32", "bf16": "bf16", "bfloat16": "bf16", "u8": "int8", "i8": "int8",
+                    "int8": "int8", "uint8": "int8", "qint8": "int8", "quint8": "int8", "u4": "int4", "i4": "int4",
+                    "int4": "int4"}
+
+
+def precision_label(raw: Any) -> str:
+    """A runtime's precision name in edgebuild's vocabulary (fp32, fp16, bf16, int8, int4); unknown names as is."""
+    return PRECISION_LABELS.get(str(raw).lower(), str(raw))
 
 
 # ---------------------------------------------------------------------------- quantization
@@ -152,6 +166,13 @@ class Runtime:
     - `aliases`: other model.json "format" names accepted for this format (older deploy folders).
     - `capabilities`: the optional methods it implements (constants above).
     - `precisions`: inference precisions `target.precision` may ask for ("auto" always allowed).
+    - `packages`: the pip distributions it runs on (their versions enter the cache key of a stage that
+      compares runtimes, and name what to install).
+    - `export_by_default`: whether the export stage writes this format when its `formats` is empty
+      (False for heavy converters: written only when the runtime is the target's or named).
+    - `cpu_proxy`: whether an absent target device may be stood in for by the CPU (latency/proxy_device).
+      False where CPU numbers would mean nothing for the device (TensorRT): the target is then
+      `unmeasured` (no latency or quality recorded) unless `require_device=true` makes it an error.
     """
 
     name: ClassVar[str] = ""
@@ -161,6 +182,9 @@ class Runtime:
     aliases: ClassVar[tuple[str, ...]] = ()
     capabilities: ClassVar[frozenset[str]] = frozenset()
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)
+    packages: ClassVar[tuple[str, ...]] = ()
+    export_by_default: ClassVar[bool] = True
+    cpu_proxy: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -176,10 +200,27 @@ class Runtime:
     def supports(cls, capability: str) -> bool:
         return capability in cls.capabilities
 
+    @classmethod
+    def versions(cls) -> dict[str, str | None]:
+        """{distribution: installed version, None when missing} of `packages` (package metadata only: light)."""
+        from importlib import metadata
+
+        out: dict[str, str | None] = {}
+        for dist in cls.packages:
+            try:
+                out[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                out[dist] = None
+        return out
+
     # ------------------------------------------------------------------------ required
     def available_devices(self) -> list[str]:
         """Devices this machine offers the runtime ("CPU", "GPU", "NPU"...); Target picks one or the CPU proxy."""
         raise NotImplementedError
+
+    def absent_device(self, device: str) -> str:
+        """Why `device` is not available to this runtime here, in a few words (e.g. "no NVIDIA GPU")."""
+        return f"no {device} device"
 
     def deployable(self, artifact: Any, folder: Path, output_names: list[str]) -> Any:
         """`artifact` (torch or any registered format) as this runtime's deployable Artifact.

@@ -108,6 +108,7 @@ class ExecuTorchRuntime(Runtime):
     export_by_default = False  # the export stage writes it only for this target or when named
     capabilities = frozenset({base.QUANTIZE, base.EXPORT})
     precisions = ("f32", "fp32")  # XNNPACK FP32; INT8 comes from quantize()
+    packages = ("executorch",)
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)
@@ -216,7 +217,7 @@ class ExecuTorchSession(Session):
         floats = collections.Counter(str(d).removeprefix("xnn_datatype_") for d in inputs if d not in XNN_INT8)
         # non-delegated compute runs ExecuTorch's portable float kernels
         floats["fp32"] += r["outside_compute"]
-        precision = "int8" if total and int8 / total > 0.5 else floats.most_common(1)[0][0].replace("fp32", "f32")
+        precision = "int8" if total and int8 / total > 0.5 else base.precision_label(floats.most_common(1)[0][0])
         return {"runtime/precision": precision, "int8/ops_fraction": int8 / total if total else 0.0,
                 "runtime/delegated_fraction": len(inputs) / total if total else 0.0, "runtime/compute_ops": total,
                 "runtime/delegates": ",".join(r["delegates"]), "runtime/non_delegated_ops": len(r["outside"])}

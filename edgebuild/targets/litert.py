@@ -94,6 +94,7 @@ class LiteRTRuntime(Runtime):
     export_by_default = False  # the export stage writes it only for this target or when named
     capabilities = frozenset({base.QUANTIZE, base.WEIGHTS_FP16, base.EXPORT})
     precisions = ("f32", "fp32")  # FP16 weights: compress_weights; INT8: quantize
+    packages = ("litert-torch", "ai-edge-litert")
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)
@@ -195,7 +196,7 @@ class LiteRTSession(Session):
         compute = [dt for op, dt in ops(self.it) if op in COMPUTE_OPS]
         int8 = sum(dt in INTEGER for dt in compute)
         dtypes = sorted({np.dtype(t["dtype"]).name for t in self.it.get_tensor_details()})
-        info = {"runtime/precision": "int8" if compute and int8 / len(compute) > 0.5 else "f32",
+        info = {"runtime/precision": "int8" if compute and int8 / len(compute) > 0.5 else "fp32",
                 "int8/ops_fraction": int8 / len(compute) if compute else 0.0, "runtime/compute_ops": len(compute),
                 "runtime/tensor_dtypes": ",".join(dtypes),
                 "runtime/input_dtype": np.dtype(self.input["dtype"]).name,

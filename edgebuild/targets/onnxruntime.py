@@ -28,6 +28,7 @@ class ONNXRuntime(Runtime):
     suffixes = (".onnx", ".data")
     capabilities = frozenset({base.QUANTIZE, base.EXPORT})
     precisions = ("fp32",)
+    packages = ("onnxruntime", "onnx")
 
     def available_devices(self) -> list[str]:
         import onnxruntime as ort
@@ -150,7 +151,7 @@ class ONNXSession(Session):
             fed = sum(1 for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
                       and any(i.endswith(("_DequantizeLinear_Output", "_dequantized")) for i in n.input))
             frac = min(1.0, fed / len(compute))
-        return {"runtime/precision": "int8" if frac > 0 else "f32", "int8/ops_fraction": frac,
+        return {"runtime/precision": "int8" if frac > 0 else "fp32", "int8/ops_fraction": frac,
                 "runtime/compute_ops": len(compute)}
 
     def float_layers(self) -> list[str]:

@@ -34,6 +34,7 @@ class OpenVINORuntime(Runtime):
                               base.QUANTIZE_MODEL_TYPE, base.QAT, base.WEIGHTS_FP16, base.WEIGHTS_INT8, base.EXPORT,
                               base.PROFILE})
     precisions = tuple(PRECISION_HINTS)
+    packages = ("openvino", "nncf")
 
     def available_devices(self) -> list[str]:
         import openvino as ov
@@ -246,8 +247,9 @@ class OpenVINOSession(Session):
         total = sum(counts.values())
         int8 = counts["u8"] + counts["i8"]
         hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        raw = counts.most_common(1)[0][0] if counts else "none"
         return {
-            "runtime/precision": counts.most_common(1)[0][0] if counts else "none",
+            "runtime/precision": base.precision_label(raw), "runtime/precision_raw": raw,
             "runtime/inference_precision_hint": str(hint).split("'")[1] if "'" in str(hint) else str(hint),
             "int8/ops_fraction": int8 / total if total else 0.0,
             "runtime/compute_ops": total,

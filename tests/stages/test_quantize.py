@@ -45,8 +45,8 @@ def vpu(cache):
 def test_ptq_ir_really_runs_int8_and_is_smaller(vpu):
     train, q = stage(vpu, "train")["metrics"], stage(vpu, "quantize")
     m = q["metrics"]
-    assert m["int8/ops_fraction"] == 1.0 and m["runtime/precision"] in ("u8", "i8")
-    assert train["int8/ops_fraction"] == 0.0 and train["runtime/precision"] == "f32"
+    assert m["int8/ops_fraction"] == 1.0 and m["runtime/precision"] == "int8" and m["runtime/precision_raw"] in ("u8", "i8")
+    assert train["int8/ops_fraction"] == 0.0 and train["runtime/precision"] == "fp32"
     assert m["acc/top1"] >= train["acc/top1"] - 0.02
     assert bin_bytes(q) * 3 < bin_bytes(stage(vpu, "train"))  # int8 weights
     assert m["quantize/fp_layers"] == 0 and json.loads((Path(q["artifact"]) / "fp_layers.json").read_text()) == []

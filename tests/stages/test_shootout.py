@@ -8,9 +8,10 @@ import mlflow
 import numpy as np
 import pytest
 
-from edgebuild import testing
+from edgebuild import budget, testing
 from edgebuild.errors import BudgetExceeded
 from edgebuild.targets import base, formats
+from edgebuild.targets.onnxruntime import ONNXRuntime
 from tests.conftest import FAST
 
 
@@ -19,10 +20,11 @@ def installed() -> set[str]:
     out = set()
     for cls in formats().values():
         try:
-            cls.__new__(cls).available_devices()
+            devices = cls.__new__(cls).available_devices()
         except Exception:  # a missing package: not a candidate
             continue
-        out.add(cls.name)
+        if devices:  # no device (TensorRT without a GPU): unmeasured, not a candidate
+            out.add(cls.name)
     return out
 
 
@@ -91,6 +93,38 @@ def test_a_floor_no_candidate_meets_is_exit_1_with_the_table(tmp_path):
     assert not summary["budget"]["ok"]
     assert all(not c["budget_ok"] for c in summary["pick"]["candidates"])
     assert "no candidate meets the budget" in (Path(summary["run_dir"]) / "summary.md").read_text()
+    (pick_check,) = [c for c in summary["budget"]["checks"] if c["budget"] == "candidates"]
+    assert pick_check["source"] == "shootout" and pick_check["value"] == 0 and not pick_check["ok"]
+    # the failure does not hang on the kept model's own check: with no limit on it, the build still fails
+    assert not budget.check_pick(budget.check(summary["stages"][-1]["metrics"], []), summary["pick"])["ok"]
+    assert budget.check_pick(budget.check({}, []), None)["ok"]  # no choosing stage: nothing added
+
+
+class CopyOfONNXRuntime(ONNXRuntime):  # a newly registered runtime (its own format), e.g. just installed
+    name = "ortcopy"
+    format = "ortcopy"
+
+
+def test_the_candidate_set_and_its_versions_are_in_the_cache_key(tmp_path):
+    from importlib import metadata
+
+    from edgebuild.pipeline import Builder
+    from edgebuild.stage import build_stage
+    from edgebuild.targets import RUNTIMES
+
+    cfg = testing.compose(testing.shrink(tmp_path) + FAST, recipe="runtime_shootout")
+    stage = build_stage("shootout", cfg.stages.shootout)
+    inputs = stage.cache_inputs(cfg)["candidates"]
+    assert inputs["onnxruntime"]["onnxruntime"] == metadata.version("onnxruntime")
+    assert installed() <= set(inputs) and "openvino" in inputs
+    builder = Builder(cfg, tmp_path / "run", "runtime_shootout")
+    key = builder.stage_key(stage, [])
+    RUNTIMES["ortcopy"] = f"{__name__}:CopyOfONNXRuntime"
+    try:
+        assert "ortcopy" in stage.cache_inputs(cfg)["candidates"] and builder.stage_key(stage, []) != key
+    finally:
+        del RUNTIMES["ortcopy"]
+    assert builder.stage_key(stage, []) == key
 
 
 def test_a_target_on_another_runtime_keeps_device_and_threads_and_drops_its_options():

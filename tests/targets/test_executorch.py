@@ -47,7 +47,7 @@ def test_fp32_pte_matches_torch_and_is_fully_delegated(runtime, fp32, digits, di
     expected = source.load_torch()(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(session.infer(x)[0], expected, atol=1e-4, rtol=1e-4)
     info = session.runtime_info()
-    assert info["runtime/precision"] == "f32" and info["int8/ops_fraction"] == 0.0
+    assert info["runtime/precision"] == "fp32" and info["int8/ops_fraction"] == 0.0
     assert info["runtime/compute_ops"] == 4  # 3 convs + the linear head
     assert info["runtime/delegated_fraction"] == 1.0 and info["runtime/delegates"] == "XnnpackBackend"
     assert info["runtime/non_delegated_ops"] == 0
@@ -60,7 +60,7 @@ def test_int8_runs_int8_in_xnnpack_and_keeps_digits_accuracy(runtime, int8, fp32
     assert info["runtime/precision"] == "int8" and info["int8/ops_fraction"] == 1.0
     assert info["runtime/delegated_fraction"] == 1.0
     assert int8.float_model.kind == "executorch" and runtime.load(int8.float_model, "CPU", 1).runtime_info()[
-        "runtime/precision"] == "f32"
+        "runtime/precision"] == "fp32"
     assert int8.artifact.size_bytes < 0.6 * fp32.size_bytes  # int8 weights (plus the program's fixed overhead)
     int8_top1 = top1(lambda x: session.infer(x)[0], digits)
     assert float_top1 > 0.9 and abs(int8_top1 - float_top1) <= 0.02, (int8_top1, float_top1)

@@ -56,7 +56,7 @@ def test_fp32_tflite_matches_torch(runtime, fp32, digits, digits_model):
     expected = source.load_torch()(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(session.infer(x)[0], expected, atol=1e-4, rtol=1e-4)
     info = session.runtime_info()
-    assert info["runtime/precision"] == "f32" and info["int8/ops_fraction"] == 0.0
+    assert info["runtime/precision"] == "fp32" and info["int8/ops_fraction"] == 0.0
     assert info["runtime/compute_ops"] == 4 and info["runtime/input_dtype"] == "float32"
     assert "int8" not in info["runtime/tensor_dtypes"]
 
