@@ -36,7 +36,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as edgebuild/__main__.py: no spinning OpenMP threads
+from edgebuild.openmp import limit_spinning  # noqa: E402
+
+limit_spinning()  # before torch loads
 
 
 def build(recipe: str, overrides: list[str], run_dir: Path) -> dict:

@@ -26,6 +26,9 @@ from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from edgebuild.openmp import limit_spinning  # noqa: E402
+
+limit_spinning()  # before torch loads, as the CLI does (both loops run under it)
 DATA = ROOT.parent / "shared" / "data" / "cifar10-train.tar.gz"
 
 

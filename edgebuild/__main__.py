@@ -20,9 +20,9 @@ from typing import Any
 from edgebuild.config import CONF_DIR, register_configs
 from edgebuild.errors import BudgetExceeded, EdgebuildError
 
-# OpenMP threads waiting for work sleep instead of spinning: on busy shared cores, spinning made torch
-# training 20-50x slower here (one epoch of a small SSD: 83 s instead of 1.7 s). Read when torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from edgebuild.openmp import limit_spinning  # noqa: E402
+
+limit_spinning()  # before torch loads
 
 QUIET = ("pytorch_lightning", "pytorch_lightning.utilities.rank_zero", "lightning", "lightning.pytorch",
          "lightning_fabric", "lightning.fabric.utilities.rank_zero", "nncf", "alembic", "mlflow")

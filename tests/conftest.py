@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see edgebuild/__main__.py: spinning OpenMP threads on busy cores
+from edgebuild.openmp import limit_spinning  # noqa: E402
+
+limit_spinning()  # before torch loads
 ROOT = Path(__file__).resolve().parent.parent
 
 # a small, fast build: the default recipe on generated data with a narrow CNN

@@ -16,7 +16,9 @@ from typing import Any
 
 from edgebuild.errors import EdgebuildError
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as edgebuild/__main__.py: no spinning threads on shared cores
+from edgebuild.openmp import limit_spinning  # noqa: E402
+
+limit_spinning()  # before torch loads
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
