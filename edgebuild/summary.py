@@ -191,6 +191,8 @@ def print_summary(summary: dict[str, Any], path: Path) -> None:
         console.print(line)
     for split, origin in summary.get("data", {}).items():
         console.print(f"data {split}: {origin}")
+    if summary.get("data_seconds", 0) >= 0.1:
+        console.print(f"data loaded in {summary['data_seconds']:.1f} s (decoded once per cache.dir; not in stage seconds)")
     for note in summary.get("notes", []):
         console.print(f"[yellow]note:[/yellow] {note}")
     console.print(f"summary: {path}")
