@@ -4,7 +4,7 @@ One parent run per build, one nested run per stage (cache hits included, tagged 
 for a stage's sub-steps. Every run ends FINISHED, FAILED or KILLED (Ctrl-C), never RUNNING.
 The parent run also carries the final stage's metrics, the data as its dataset input (digest = the
 data fingerprint, on every stage run too) and the final deployable as an MLflow logged model: a pyfunc
-from code (edgebuild/pyfunc_model.py, nothing pickled), optionally registered (`tracking.register`).
+from code (edgebuild/tracking/pyfunc_model.py, nothing pickled), optionally registered (`tracking.register`).
 """
 
 from __future__ import annotations

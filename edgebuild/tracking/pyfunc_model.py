@@ -15,7 +15,7 @@ small-model softmax confidence is below the threshold get the big model's logits
 the same pixels at its own input size and with its own preprocessing. Resizing the small model's input is
 not resizing the original image: with two input sizes the pyfunc's big-model input is an approximation of
 what the stage measured; with one size it is exact.
-Only edgebuild/tracking.py logs it; no edgebuild module imports this file.
+Only edgebuild/tracking logs it; no edgebuild module imports this file.
 """
 
 from __future__ import annotations
