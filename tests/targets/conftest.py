@@ -48,3 +48,20 @@ def target_cfg(runtime, **kw):
     from omegaconf import OmegaConf
 
     return OmegaConf.merge(testing.compose([f"target={runtime}"]).target, kw)
+
+
+def fp32_deployable(runtime, digits_model, tmp_path_factory):
+    """The digits CNN converted to the runtime's FP32 format."""
+    source, _ = digits_model
+    return runtime.deployable(source, tmp_path_factory.mktemp(f"{runtime.name}_fp32"), ["logits"])
+
+
+def int8_deployable(runtime, digits, digits_model, tmp_path_factory):
+    """The digits CNN quantized to INT8 by the runtime's own quantizer, calibrated on digits."""
+    from edgebuild.targets.base import QuantizeRequest
+
+    source, _ = digits_model
+    request = QuantizeRequest(calibration=digits.calibration(), output_names=["logits"],
+                              meta={**source.meta, "precision": "int8"})
+    return runtime.quantize(source, request, tmp_path_factory.mktemp(f"{runtime.name}_int8"),
+                            tmp_path_factory.mktemp(f"{runtime.name}_float"))

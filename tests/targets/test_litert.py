@@ -12,7 +12,7 @@ from edgebuild.evaluate import latency
 from edgebuild.targets import Target
 from edgebuild.targets.base import QuantizeRequest
 from edgebuild.targets.litert import LiteRTRuntime
-from tests.targets.conftest import target_cfg, top1
+from tests.targets.conftest import fp32_deployable, int8_deployable, target_cfg, top1
 
 
 class Cumprod(torch.nn.Module):  # module level: artifacts pickle the class by reference
@@ -36,16 +36,12 @@ def runtime():
 
 @pytest.fixture(scope="module")
 def fp32(runtime, digits_model, tmp_path_factory):
-    source, _ = digits_model
-    return runtime.deployable(source, tmp_path_factory.mktemp("lt_fp32"), ["logits"])
+    return fp32_deployable(runtime, digits_model, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def int8(runtime, digits, digits_model, tmp_path_factory):
-    source, _ = digits_model
-    request = QuantizeRequest(calibration=digits.calibration(), output_names=["logits"],
-                              meta={**source.meta, "precision": "int8"})
-    return runtime.quantize(source, request, tmp_path_factory.mktemp("lt_int8"), tmp_path_factory.mktemp("lt_float"))
+    return int8_deployable(runtime, digits, digits_model, tmp_path_factory)
 
 
 def test_fp32_tflite_matches_torch(runtime, fp32, digits, digits_model):
