@@ -423,13 +423,16 @@ class DataModule:
 
         g = torch.Generator().manual_seed(self.cfg.split.seed)
         bs = batch_size or self.cfg.batch_size
+        # a short last training batch is dropped (its images come back shuffled in other epochs), as training
+        # scripts do: its odd shape costs oneDNN new kernels twice an epoch, forward and backward
+        drop_last = train and len(self.splits[split].labels) > bs
         if self.collate is None:  # images + class ids: whole batches sliced from one preloaded tensor
             ds = _TensorBatches(self, self.splits[split], self.augmentation() if train and self.cfg.augment else None)
             sampler = RandomSampler(ds, generator=g) if train else SequentialSampler(ds)
-            return DataLoader(ds, batch_size=None, sampler=BatchSampler(sampler, bs, drop_last=False),
+            return DataLoader(ds, batch_size=None, sampler=BatchSampler(sampler, bs, drop_last=drop_last),
                               num_workers=self.cfg.num_workers)
         return DataLoader(self.dataset(split, train), batch_size=bs, shuffle=train,
-                          generator=g if train else None, num_workers=self.cfg.num_workers, drop_last=False,
+                          generator=g if train else None, num_workers=self.cfg.num_workers, drop_last=drop_last,
                           collate_fn=self.collate)
 
     collate = None  # torch's default collate for (image, label)

@@ -1,6 +1,7 @@
 """The training path every recipe starts with (issue 19): batched tensor augmentation, per-epoch progress and
 series, precision and preset checks at plan time, and DDP that parallelizes fit only."""
 
+import collections
 import json
 import logging
 import re
@@ -58,8 +59,13 @@ def test_training_batches_are_the_normalized_images_the_evaluation_sees(tmp_path
     ex, ey = next(dm.batches("val", len(y)))
     np.testing.assert_allclose(x.numpy(), ex, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(y.numpy(), np.asarray(ey))
-    seen = torch.cat([yb for _, yb in dm.loader("train", train=True)])
-    assert sorted(seen.tolist()) == sorted(dm.splits["train"].labels.tolist()), "one epoch sees every image once"
+    bs = cfg.data.batch_size
+    batches = [yb for _, yb in dm.loader("train", train=True)]
+    n = len(dm.splits["train"].labels)
+    assert n > bs and {len(b) for b in batches} == {bs}, "training batches are full: the short last one is dropped"
+    assert len(batches) == n // bs
+    seen = collections.Counter(torch.cat(batches).tolist())
+    assert not seen - collections.Counter(dm.splits["train"].labels.tolist()), "no image is seen twice in an epoch"
 
 
 def test_epoch_lines_series_and_trained_precision_are_recorded(tmp_path, caplog):
