@@ -44,7 +44,7 @@ PRECISIONS = ("fp32", "int8")
 @dataclass
 class Shootout(Stage):
     kind: ClassVar[str] = "shootout"
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # 2: the spread of the round medians (interleaved_min_ms / max_ms)
     # the budget decides the pick; the target's threads and device decide the timings
     uses: ClassVar[tuple[str, ...]] = ("data", "task", "calibration", "target", "budget")
     needs_float_input: ClassVar[bool] = True
@@ -179,6 +179,7 @@ class Shootout(Stage):
         for row, rounds in zip(rows, medians, strict=True):
             m = row["metrics"]
             m["latency/interleaved_ms"] = m["latency/p50_ms"] = float(np.median(rounds))
+            m["latency/interleaved_min_ms"], m["latency/interleaved_max_ms"] = float(min(rounds)), float(max(rounds))
             if reference is not None and primary in m:
                 m[drop] = (reference - m[primary]) * 100.0
             checked = budget.check(m, [("recipe", ctx.cfg.budget), ("target", ctx.cfg.target.budget)])

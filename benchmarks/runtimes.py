@@ -1,0 +1,111 @@
+"""Issue 15: one model on every installed runtime, FP32 and INT8, with edgebuild's one protocol; OpenVINO's own
+benchmark_app beside it as a check of the protocol.
+
+    python benchmarks/runtimes.py [--cases cifar,mobilenet_v2_224] [--limit 10000] [--epochs 3] [--rounds 5]
+
+Each case is one `recipe=runtime_shootout` build (the CLI, as a user runs it): every candidate (runtime x
+precision) is compiled at batch 1 in one process and timed in `--rounds` alternating rounds, so load changes hit
+all of them; p50 is the median of the round medians, [min-max] the spread of the round medians.
+- `cifar`: MobileNetV2-0.5 with the stride-1 stem, trained `--epochs` on the first `--limit` images of
+  ../shared/data/cifar10-train.tar.gz (split 0.05/0.05): top-1 is the deployed artifact's on the held-out split.
+- `mobilenet_v2_224`: MobileNetV2 width 1.0 at 224x224, untrained (no ImageNet weights or data here): latency,
+  load, size and the precision that ran only; its top-1 is not a quality figure.
+`benchmark_app` (OpenVINO's tool, run right after the build on the same IR: -hint none -nstreams 1 -nthreads T
+-b 1 -api sync) gives the median to compare with edgebuild's OpenVINO p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks.training import cpu_model  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "cifar10-train.tar.gz"
+
+
+def case_args(case: str, limit: int, epochs: int, rounds: int) -> list[str]:
+    common = ["recipe=runtime_shootout", "data=imagefolder", f"data.root={DATA}", "data.split.val=0.05",
+              "data.split.test=0.05", "model=mobilenet_v2", f"stages.shootout.rounds={rounds}", "tracking=none"]
+    if case == "cifar":
+        return [*common, f"data.limit={limit}", "data.image_size=32", "data.augment=true",
+                f"stages.train.epochs={epochs}"]
+    if case == "mobilenet_v2_224":
+        return [*common, "data.limit=1000", "data.image_size=224", "model.small_input=false",
+                "model.kwargs.width_mult=1.0", "stages.train.epochs=0", "budget.max_acc_drop=null"]
+    raise SystemExit(f"unknown case {case!r}: use cifar, mobilenet_v2_224")
+
+
+def benchmark_app_ms(xml: Path, threads: int, seconds: int = 10) -> float | None:
+    """benchmark_app's median latency (ms) of an IR at batch 1, one stream, sync API."""
+    cmd = ["benchmark_app", "-m", str(xml), "-d", "CPU", "-hint", "none", "-nstreams", "1", "-nthreads", str(threads),
+           "-b", "1", "-api", "sync", "-t", str(seconds)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r"Median:\s+([\d.]+)\s*ms", out)
+    return float(found.group(1)) if found else None
+
+
+def run_case(case: str, args: argparse.Namespace, workdir: Path) -> None:
+    cmd = [sys.executable, "-m", "edgebuild", *case_args(case, args.limit, args.epochs, args.rounds),
+           f"cache.dir={workdir}/cache", f"hydra.run.dir={workdir}/{case}"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    summaries = sorted((workdir / case).glob("**/summary.json"))
+    if not summaries:
+        print(f"{case}: the build wrote no summary (exit {result.returncode}):\n{result.stderr[-3000:]}")
+        return
+    summary = json.loads(summaries[-1].read_text())
+    stage = next(s for s in summary["stages"] if s["kind"] == "shootout")
+    candidates_dir = Path(stage["artifact"]).parent
+    threads = int(summary["stages"][-1]["metrics"].get("latency/threads") or os.cpu_count())
+    load = os.getloadavg()[0]
+    print(f"\n### {case}: {cpu_model()}, {os.cpu_count()} cores, {threads} threads, load {load:.1f}, "
+          f"{args.rounds} interleaved rounds")
+    print("| candidate | p50 ms [min-max] | benchmark_app median ms | load ms | size MB | top-1 | ran as | picked |")
+    print("|---|---|---|---|---|---|---|---|")
+    for step in summary["pick"]["candidates"]:
+        m = step["metrics"]
+        spread = (f"[{m['latency/interleaved_min_ms']:.3f}-{m['latency/interleaved_max_ms']:.3f}]"
+                  if "latency/interleaved_min_ms" in m else "")
+        bapp = ""
+        if step["params"]["runtime"] == "openvino":
+            xml = next((candidates_dir / step["name"]).glob("*.xml"), None)
+            ms = benchmark_app_ms(xml, int(threads)) if xml else None
+            bapp = "" if ms is None else f"{ms:.3f} (x{m['latency/p50_ms'] / ms:.2f})"
+        top1 = m.get("acc/top1")
+        top1 = "" if top1 is None else f"{top1 * 100:.2f} %" + (" (untrained)" if case != "cifar" else "")
+        print(f"| {step['name']} | {m['latency/p50_ms']:.3f} {spread} | {bapp} | {m.get('latency/load_ms', 0):.0f} | "
+              f"{m.get('size/bytes', 0) / 1e6:.2f} | {top1} | {m.get('runtime/precision', '')} | "
+              f"{'PICK' if step.get('pick') else ''} |")
+    fastest = min(s["metrics"]["latency/p50_ms"] for s in summary["pick"]["candidates"])
+    picked = summary["pick"]["metrics"]["latency/p50_ms"]
+    print(f"\npick {summary['pick']['name']}: {picked:.3f} ms; fastest candidate {fastest:.3f} ms; "
+          f"build exit {result.returncode} ({'budget met' if summary['budget']['ok'] else 'budget violated'})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="cifar,mobilenet_v2_224")
+    ap.add_argument("--limit", type=int, default=10000)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    if not DATA.exists():
+        raise SystemExit(f"no {DATA}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in args.cases.split(","):
+            run_case(case, args, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
