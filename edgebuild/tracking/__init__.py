@@ -219,12 +219,13 @@ class Tracker:
                 "precision": spec.get("precision"), "data_fingerprint": (dataset or {}).get("fingerprint")}
         import warnings
 
-        with warnings.catch_warnings():  # the signature states input dtype and shape; no example needed
-            warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+        requirements = _requirements(runtime, spec)
+        with warnings.catch_warnings(), _known_distributions(requirements):
+            warnings.filterwarnings("ignore", message=".*input example was not provided.*")  # the signature says
             info = Model.log(artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=self.parent_id,
                              python_model=str(PYFUNC_CODE), artifacts={"deploy": str(deploy_dir)},
                              signature=signature,
-                             pip_requirements=_requirements(runtime, spec), registered_model_name=register,
+                             pip_requirements=requirements, registered_model_name=register,
                              tags={k: str(v) for k, v in tags.items() if v is not None},
                              model_type="edgebuild-deployable")
         return info.model_uri
@@ -256,6 +257,25 @@ def make_tracker(cfg: Any, experiment: str) -> Tracker | NullTracker:
 
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")  # loaded by MLflow, never imported by edgebuild
+
+
+@contextlib.contextmanager
+def _known_distributions(requirements: list[str]) -> Iterator[None]:
+    """MLflow checks a logged model's pins against the environment through a map of every installed
+    distribution's modules, built by reading every distribution's file list: 4-7 s of each build here.
+    Our pins were just read from those distributions' metadata, so the map needs only them (a module name
+    equal to the distribution name); MLflow's own scan returns if its private map ever moves."""
+    from mlflow.utils import requirements_utils as ru
+
+    if getattr(ru, "_MODULES_TO_PACKAGES", ...) is not None:  # already built (or renamed): nothing to save
+        yield
+        return
+    names = [r.split("==")[0] for r in requirements]
+    ru._MODULES_TO_PACKAGES = {n: [n] for n in names}
+    try:
+        yield
+    finally:
+        ru._MODULES_TO_PACKAGES = ru._PACKAGES_TO_MODULES = None
 
 
 def _requirements(runtime: str, spec: dict[str, Any]) -> list[str]:
