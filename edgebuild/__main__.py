@@ -19,7 +19,6 @@ from typing import Any
 
 from edgebuild.config import CONF_DIR, register_configs
 from edgebuild.errors import BudgetExceeded, EdgebuildError
-
 from edgebuild.openmp import limit_spinning  # noqa: E402
 
 limit_spinning()  # before torch loads

@@ -145,7 +145,8 @@ def training_lines(summary: dict[str, Any]) -> list[str]:
                 continue
             prefix = "" if fit in ("train", "fit") else f"{fit}/"
             epoch_s, ips = m.get(f"{prefix}time/epoch_s") or [], m.get(f"{prefix}throughput/train_images_per_s") or []
-            speed = f", median {sorted(epoch_s)[len(epoch_s) // 2]:.1f} s/epoch, {sorted(ips)[len(ips) // 2]:.0f} img/s" \
+            speed = f", median {sorted(epoch_s)[len(epoch_s) // 2]:.1f} s/epoch, " \
+                    f"{sorted(ips)[len(ips) // 2]:.0f} img/s" \
                 if epoch_s and ips else ""
             what = st["name"] if fit == st["name"] else f"{st['name']} ({fit})"
             lines.append(f"trained {what}: {precision}, {m[f'{fit}/epochs']:.0f} epochs{speed}")
@@ -196,7 +197,8 @@ def print_summary(summary: dict[str, Any], path: Path) -> None:
     for split, origin in summary.get("data", {}).items():
         console.print(f"data {split}: {origin}")
     if summary.get("data_seconds", 0) >= 0.1:
-        console.print(f"data loaded in {summary['data_seconds']:.1f} s (decoded once per cache.dir; not in stage seconds)")
+        console.print(f"data loaded in {summary['data_seconds']:.1f} s "
+                      "(decoded once per cache.dir; not in stage seconds)")
     for note in summary.get("notes", []):
         console.print(f"[yellow]note:[/yellow] {note}")
     console.print(f"summary: {path}")

@@ -29,9 +29,9 @@ def distinct_images(b=48, c=3, h=8, w=8):
 def test_flip_is_drawn_per_image():
     x = distinct_images()
     out = augment_batch(x, pad=0, flip=True, generator=torch.Generator().manual_seed(0))
-    flipped = [bool(torch.equal(o, xi.flip(2))) for o, xi in zip(out, x)]
-    kept = [bool(torch.equal(o, xi)) for o, xi in zip(out, x)]
-    assert all(f or k for f, k in zip(flipped, kept)), "every image is itself or its mirror"
+    flipped = [bool(torch.equal(o, xi.flip(2))) for o, xi in zip(out, x, strict=True)]
+    kept = [bool(torch.equal(o, xi)) for o, xi in zip(out, x, strict=True)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True)), "every image is itself or its mirror"
     assert 0 < sum(flipped) < len(x), "each image draws its own flip"
 
 
@@ -41,7 +41,7 @@ def test_crop_is_a_window_of_the_padded_image_at_a_per_image_offset():
     assert out.shape == x.shape
     padded = F.pad(x, (pad,) * 4, mode="reflect")
     offsets = []
-    for o, p in zip(out, padded):
+    for o, p in zip(out, padded, strict=True):
         found = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
                  if torch.equal(o, p[:, dy:dy + 8, dx:dx + 8])]
         assert found, "the crop must be a window of the reflect-padded image"

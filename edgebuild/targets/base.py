@@ -65,7 +65,8 @@ RUNTIME_INFO = {
 # What `runtime/precision` says, whatever the runtime calls it: budgets, reports and the shootout compare
 # labels across runtimes, so OpenVINO's "u8" and another runtime's "int8" must read the same.
 PRECISION_LABELS = {"f32": "fp32", "fp32": "fp32", "float32": "fp32", "f16": "fp16", "fp16": "fp16",
-                    "float16": "fp16", "half": "fp16", "float": "fp32", "bf16": "bf16", "bfloat16": "bf16", "u8": "int8", "i8": "int8",
+                    "float16": "fp16", "half": "fp16", "float": "fp32", "bf16": "bf16", "bfloat16": "bf16",
+                    "u8": "int8", "i8": "int8",
                     "int8": "int8", "uint8": "int8", "qint8": "int8", "quint8": "int8", "u4": "int4", "i4": "int4",
                     "int4": "int4"}
 

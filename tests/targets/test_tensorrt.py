@@ -93,4 +93,5 @@ def test_bad_runtime_input_is_exit_2_one_message_nothing_written(args, message, 
     result = run_cli(["tracking=none", "eval=fast", *FAST, *args], tmp_path)
     out = result.stdout + result.stderr
     assert result.returncode == 2 and message in out and "Traceback" not in out, out[-2000:]
-    assert not list(tmp_path.glob("outputs/cache/*/*/result.json")) and not list(tmp_path.glob("outputs/**/summary.json"))
+    assert not list(tmp_path.glob("outputs/cache/*/*/result.json"))
+    assert not list(tmp_path.glob("outputs/**/summary.json"))
