@@ -33,7 +33,7 @@ from edgebuild.targets.tflm import Micro, TFLMRuntime, TFLMSession
 
 VELA_PACKAGE = "ethos-u-vela==5.2.0"
 ACCELERATORS = ("ethos-u55-32", "ethos-u55-64", "ethos-u55-128", "ethos-u55-256", "ethos-u65-256", "ethos-u65-512")
-ETHOS_OPTIONS = ("accelerator_config", "system_config", "memory_mode", "vela_config", "clock_hz", "npu_only")
+ETHOS_OPTIONS = ("accelerator_config", "system_config", "memory_mode", "vela_config", "clock_hz")
 PER_OPERATOR = "ethos_u_per_operator.csv"
 FALLBACK = re.compile(r"Warning \(supported operators\) operator: (\w+), ofm: '([^']*)'")
 COUNT = re.compile(r"(CPU|NPU) operators = (\d+)")
@@ -166,10 +166,6 @@ class EthosUSession(TFLMSession):
             "ethos_u/cpu_ops": ", ".join(v["cpu_ops"]),
             "ethos_u/accuracy_by": "TFLite Micro on the host (Vela's output runs on the NPU, not present here)",
         })
-        if opts.get("npu_only") and (cpu or v["cpu_ops"]):
-            raise EdgebuildError(f"target {self.runtime.cfg.name!r} requires every operator on the NPU "
-                                 f"(options.npu_only), but Vela leaves {cpu} on the CPU: {', '.join(v['cpu_ops'])}",
-                                 "replace those layers with ones Ethos-U supports, or set target.options.npu_only=false")
         return info
 
     def report_files(self, folder: Path) -> dict[str, Path]:
