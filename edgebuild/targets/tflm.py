@@ -37,7 +37,8 @@ from edgebuild.targets.base import Runtime, Session
 from edgebuild.targets.litert import COMPUTE_OPS, INTEGER, LiteRTRuntime, interpreter, ops
 
 TFLM_PACKAGE = "tflite-micro==0.dev20261023182759"
-TFLM_OPTIONS = ("runtime_code_bytes", "arena_search_max_bytes", "arena_margin_bytes", "bytes_per_weight", "bytes_per_activation",
+TFLM_OPTIONS = ("runtime_code_bytes", "arena_search_max_bytes", "arena_margin_bytes", "bytes_per_weight",
+                "bytes_per_activation",
                 "runtime_overhead_bytes")
 # builtin op name -> MicroMutableOpResolver method suffix, where plain CamelCase of the name is wrong
 RESOLVER_NAMES = {"BATCH_MATMUL": "BatchMatMul", "LOGISTIC": "Logistic", "L2_NORMALIZATION": "L2Normalization",

@@ -13,7 +13,7 @@ from edgebuild.errors import EdgebuildError
 from edgebuild.targets import Target
 from edgebuild.targets.ethos_u import PER_OPERATOR, EthosURuntime
 from edgebuild.targets.firmware import MODEL_CC, MODEL_H, OPS_H, write_firmware
-from edgebuild.targets.litert import LiteRTRuntime, interpreter
+from edgebuild.targets.litert import LiteRTRuntime
 from edgebuild.targets.tflm import Micro, TFLMRuntime, model_ops, resolver_name
 from tests.targets.conftest import fp32_deployable, int8_deployable, target_cfg, top1
 
@@ -132,9 +132,9 @@ def test_vela_on_the_int8_model(int8, digits_model, tmp_path_factory, tmp_path):
 
 
 def test_bad_target_options_are_clear_errors():
-    with pytest.raises(EdgebuildError, match="(?s)unknown accelerator config 'ethos-u55-100'.*ethos-u55-128"):
+    with pytest.raises(EdgebuildError, match="(?s)unknown accelerator config 'ethos-u55-100'.*u55-128"):
         Target(target_cfg("ethos_u55", options={"accelerator_config": "ethos-u55-100"}))
-    with pytest.raises(EdgebuildError, match="(?s)system_config .Nope. is not in vela.ini.*Ethos_U55_High_End_Embedded"):
+    with pytest.raises(EdgebuildError, match="(?s)system_config .Nope. is not in vela.ini.*U55_High_End_Embedded"):
         Target(target_cfg("ethos_u55", options={"system_config": "Nope"}))
     with pytest.raises(EdgebuildError, match="memory_mode 'Nope'"):
         Target(target_cfg("ethos_u65", options={"memory_mode": "Nope"}))
