@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from edgebuild.errors import EdgebuildError
 from edgebuild.targets import Target
@@ -16,6 +17,11 @@ from edgebuild.targets.firmware import MODEL_CC, MODEL_H, OPS_H, write_firmware
 from edgebuild.targets.litert import LiteRTRuntime
 from edgebuild.targets.tflm import Micro, TFLMRuntime, model_ops, resolver_name
 from tests.targets.conftest import fp32_deployable, int8_deployable, target_cfg, top1
+
+
+class Atan2(torch.nn.Module):  # ATAN2: LiteRT has it, TFLite Micro has no kernel for it
+    def forward(self, x):
+        return torch.atan2(x, x + 1).flatten(1)
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +156,11 @@ def test_missing_packages_are_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "ethosu.vela", None)
     with pytest.raises(EdgebuildError, match="ethos-u-vela==5.2.0"):
         Target(target_cfg("ethos_u55")).check()
+
+
+def test_an_operator_tflite_micro_lacks_is_named_with_its_layer(tmp_path):
+    from edgebuild.targets.litert import convert
+
+    path = convert(Atan2().eval(), {"input_shape": [1, 1, 4, 4]}, tmp_path / "m.tflite")
+    with pytest.raises(EdgebuildError, match="(?s)no kernel for operator ATAN2 \\(layer '.*Atan2.*'\\).*rewrite"):
+        Micro(path)
