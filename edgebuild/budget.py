@@ -18,7 +18,10 @@ LIMITS: dict[str, tuple[str, str, float]] = {
     "max_params": ("params", "<=", 1.0),
     "max_ram_bytes": ("memory/peak_ram_bytes", "<=", 1.0),
     "max_flash_bytes": ("memory/flash_bytes", "<=", 1.0),
+    "min_npu_ops_fraction": ("ethos_u/npu_ops_fraction", ">=", 1.0),
 }
+# a violated check names what violated it, from this metric (Vela's CPU fallbacks)
+DETAILS = {"ethos_u/npu_ops_fraction": "ethos_u/cpu_ops"}
 OPS = {"<=": operator.le, ">=": operator.ge}
 
 
@@ -34,6 +37,8 @@ def check(metrics: dict[str, Any], budgets: list[tuple[str, Any]]) -> dict[str, 
             ok = value is not None and OPS[op](value * scale, limit)
             checks.append({"budget": key, "source": source, "metric": metric, "op": op, "limit": limit,
                            "value": value, "ok": bool(ok)})
+            if not ok and metrics.get(DETAILS.get(metric, "")):
+                checks[-1]["detail"] = metrics[DETAILS[metric]]
     return {"ok": all(c["ok"] for c in checks), "checks": checks}
 
 

@@ -164,6 +164,7 @@ class BudgetConf:
     max_params: int | None = bounded(None, gt=0)
     max_ram_bytes: int | None = bounded(None, gt=0)
     max_flash_bytes: int | None = bounded(None, gt=0)
+    min_npu_ops_fraction: float | None = bounded(None, ge=0, le=1)  # ethos_u/npu_ops_fraction (1: NPU only)
 
 
 @dataclass

@@ -34,5 +34,8 @@ def write(deployable: Any, metrics: dict[str, Any], out: Path, target: Any, reci
     for f in deployable.files:
         shutil.copy2(deployable.root / f, out / f)
     spec = model_json(deployable, metrics, target, recipe, stage)
+    extra = target.runtime.package(deployable, out, metrics)  # e.g. firmware sources for an MCU target
+    if extra:
+        spec["firmware"] = extra
     (out / "model.json").write_text(json.dumps(spec, indent=2, default=str))
     return out

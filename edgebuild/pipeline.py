@@ -76,6 +76,9 @@ def plan(cfg: Any) -> list[tuple[str, Stage, str]]:
         names.append(name)
     if not stages:
         raise EdgebuildError("the recipe has no stages", "add at least one stage under `stages:`")
+    from edgebuild.targets import runtime_class
+
+    runtime_class(cfg.target).check_plan(cfg.target, precision[names[-1]], names[-1])
     return stages
 
 
@@ -294,7 +297,7 @@ class Builder:
                         srun.log_input(dataset, name)
                         entry, measured = self.run_stage(name, stage, source, srun)
                         deployable = Artifact.from_json(measured.record["deployable"], relative_to=measured.path)
-                        metrics, profile_file = self.stage_metrics(name, entry, measured, deployable,
+                        metrics, reports = self.stage_metrics(name, entry, measured, deployable,
                                                                    self.measured.get(source, previous))
                         drops.add(metrics)
                         seconds = self.seconds[name]["stage"]
@@ -302,7 +305,7 @@ class Builder:
                         metrics["stage/measure_seconds"] = self.seconds[name]["measure"]
                         metrics["stage/build_seconds"] = entry.record.get("seconds", 0.0)
                         self.record_stage(srun, name, stage, source, entry, measured, deployable, metrics,
-                                          profile_file)
+                                          reports)
                         runs[name] = srun
                     self.measured[name] = previous = metrics
                     total = time.perf_counter() - t0 - (self.data_seconds - data_before)
@@ -350,7 +353,7 @@ class Builder:
         return summary
 
     def stage_metrics(self, name: str, entry: Entry, measured: Entry, deployable: Artifact,
-                      input_metrics: dict[str, Any]) -> tuple[dict[str, Any], Path | None]:
+                      input_metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Path]]:
         """Cached measurement + the stage's own metrics + what is re-measured every build (latency, what
         ran, the opt-in profile)."""
         from edgebuild import profile
@@ -360,21 +363,24 @@ class Builder:
         inherit_counts(metrics, input_metrics)
         metrics.update(entry.record["metrics"])
         ctx = self._measure_ctx(deployable)
-        metrics.update(measure_runtime(deployable, ctx, metrics.get("macs")))
+        reports: dict[str, Path] = {}
+        metrics.update(measure_runtime(deployable, ctx, metrics.get("macs"), self.run_dir / "targets" / name, reports))
         profile_file, profiled = profile.maybe_run(deployable, ctx, self.run_dir / "profile" / f"{name}.json")
         metrics.update(profiled)
-        return metrics, profile_file
+        if profile_file:
+            reports["profile"] = profile_file
+        return metrics, reports
 
     def record_stage(self, srun: Any, name: str, stage: Stage, source: str, entry: Entry, measured: Entry,
-                     deployable: Artifact, metrics: dict[str, Any], profile_file: Path | None) -> None:
+                     deployable: Artifact, metrics: dict[str, Any], reports: dict[str, Path]) -> None:
         """The stage's run: metrics, params, cache tags, report files, the deployable; sub-steps as children."""
         params = flatten({"stage": {"name": name, "input": source, **stage.params()}})
         srun.record(metrics, params=params, tags={"cache_hit": str(entry.hit).lower(), "cache_key": entry.key},
                     files={"tables": measured.path / "tables.json",  # + the stage's report files
                            **{k: entry.path / "artifact" / v for k, v in entry.record.get("files", {}).items()}},
                     folders={"model": deployable.root} if self.cfg.tracking.log_model else None)
-        if profile_file:
-            srun.record({}, files={"profile": profile_file})
+        if reports:  # the opt-in profile, the runtime's tables of what it compiled (e.g. Vela's per-operator CSV)
+            srun.record({}, files=reports)
         for step in entry.record.get("steps", []):
             with srun.child(f"{name}/{step.get('name', 'step')}") as child:
                 child.record(step.get("metrics", {}), params=step.get("params"))

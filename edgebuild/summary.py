@@ -96,7 +96,8 @@ def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def budget_rows(budget: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["limit", "from", "metric", "value", "limit value", "ok"]
     rows = [[c["budget"], c["source"], c["metric"], format_value(c["value"], "{:.4g}"), f"{c['op']} {c['limit']:.4g}",
-             "ok" if c["ok"] else "VIOLATED"] for c in budget["checks"]]
+             "ok" if c["ok"] else "VIOLATED" + (f": {c['detail']}" if c.get("detail") else "")]
+            for c in budget["checks"]]
     return header, rows
 
 

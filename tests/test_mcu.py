@@ -1,5 +1,7 @@
-"""target=mcu: flash / peak RAM estimates checked by hand, static shapes required, recipe tiny_mcu."""
+"""target=mcu: the previous release's estimates checked by hand (edgebuild/targets/mcu.py, still computed as
+memory/estimate_*), static shapes required; recipe tiny_mcu on TensorFlow Lite Micro and on Ethos-U55 (Vela)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -66,28 +68,50 @@ def test_a_model_without_static_shapes_is_a_clear_error(tmp_path):
         estimate(xml, [1, 1, None, 4], INT8)
 
 
-def test_tiny_mcu_reports_flash_and_ram_and_fails_a_budget_it_does_not_fit(tmp_path):
+def test_tiny_mcu_runs_tflite_micro_writes_firmware_and_fails_a_budget_it_does_not_fit(tmp_path):
+    """recipe=tiny_mcu: train -> INT8 .tflite, measured by TFLite Micro (arena, flash, peak RAM beside the old
+    estimates), deploy/ firmware-ready; the same model on a smaller part exits 1 with the table; the same
+    cache on target=ethos_u55 adds Vela's figures and its per-operator table."""
     overrides = testing.shrink(tmp_path) + ["data=synthetic", "stages.train.epochs=1", "budget.min_acc=null"]
     summary = testing.build(overrides, tmp_path, recipe="tiny_mcu")
     final = summary["stages"][-1]["metrics"]
-    assert 65536 < final["memory/flash_bytes"] < 65536 + 40_000  # ~24 K INT8 weights + stated overhead
-    assert 0 < final["memory/peak_ram_bytes"] < 524288 and final["latency/estimate_ms"] > 0
-    assert final["latency/proxy_device"] == "CPU" and "estimates for Cortex-M7" in final["mcu/estimated"]
+    assert final["runtime/precision"] == "int8" and final["runtime/interpreter"].startswith("tflite-micro")
+    assert final["memory/peak_ram_bytes"] == final["memory/arena_bytes"] + final["memory/io_bytes"]
+    assert final["memory/flash_bytes"] == final["memory/flatbuffer_bytes"] + final["memory/runtime_code_bytes"]
+    assert 0 < final["memory/arena_bytes"] < 524288 and final["memory/estimate_peak_ram_bytes"] > 0
+    assert final["latency/proxy_device"] == "CPU" and final["latency/estimate_ms"] > 0 and "acc/top1" in final
     checks = {c["budget"]: c for c in summary["budget"]["checks"]}
     assert checks["max_flash_bytes"]["ok"] and checks["max_ram_bytes"]["ok"]
     assert checks["max_ram_bytes"]["source"] == "target"
-    assert "memory/peak_ram_bytes" in (Path(summary["run_dir"]) / "summary.json").read_text()
+    deploy = Path(summary["deploy"])
+    files = {p.name for p in deploy.iterdir()}
+    assert {"model.tflite", "model_data.cc", "model_data.h", "model_ops.h", "model.json"} <= files
+    spec = json.loads((deploy / "model.json").read_text())
+    assert spec["firmware"]["model_data_len"] == (deploy / "model.tflite").stat().st_size
+    assert spec["firmware"]["planner_arena_bytes"] == final["memory/arena_bytes"]
+    assert spec["firmware"]["io_quantization"]["input"]["dtype"] == "int8"
     with pytest.raises(BudgetExceeded) as e:  # the same model on a smaller part: exit 1 with the table
         testing.build(overrides + ["target.budget.max_ram_bytes=1000"], tmp_path, recipe="tiny_mcu", run_name="small")
     violated = [c["budget"] for c in e.value.args[0]["budget"]["checks"] if not c["ok"]]
     assert violated == ["max_ram_bytes"]
+    npu = testing.build(overrides + ["target=ethos_u55", "target.budget.min_npu_ops_fraction=1.0"], tmp_path,
+                        recipe="tiny_mcu", run_name="u55")
+    final = npu["stages"][-1]["metrics"]
+    assert final["ethos_u/cycles"] > 0 and final["ethos_u/npu_ops_fraction"] == 1.0 and npu["budget"]["ok"]
+    assert final["latency/estimate_ms"] == pytest.approx(final["ethos_u/cycles"] / 500e6 * 1000)
+    assert (Path(npu["run_dir"]) / "targets" / "quantize" / "ethos_u_per_operator.csv").exists()
 
 
-def test_mcu_accepts_the_stages_its_openvino_stand_in_can_build():
-    """Stages ask for capabilities, not runtime names: mcu runs OpenVINO, so qat and fp16 plan (this was
-    refused at plan time when qat/fp16 checked target.runtime == 'openvino')."""
+def test_int8_targets_refuse_a_float_recipe_and_stages_they_cannot_build_at_plan_time():
+    """Stages ask for capabilities: mcu deploys litert's .tflite, so quantize plans; qat and data-free INT8
+    weights (OpenVINO's) are refused; a recipe whose last stage leaves the model float is refused by the
+    int8-only targets before any work."""
     from edgebuild.pipeline import plan
 
-    for kind, stage in (("qat", "{kind: qat}"), ("fp16", "{kind: fp16, weights: int8}")):
-        cfg = testing.compose([f"+stages.q={stage}"], recipe="tiny_mcu")
-        assert plan(cfg)[-1][1].kind == kind
+    assert plan(testing.compose([], recipe="tiny_mcu"))[-1][1].kind == "quantize"
+    for stage, cap in (("{kind: qat}", "qat"), ("{kind: fp16, weights: int8}", "weights.int8")):
+        with pytest.raises(EdgebuildError, match=f"has no '{cap}'"):
+            plan(testing.compose([f"+stages.q={stage}", "stages.quantize=null"], recipe="tiny_mcu"))
+    for target in ("mcu", "ethos_u55", "ethos_u65"):
+        with pytest.raises(EdgebuildError, match="(?s)INT8 models only.*'train' outputs a fp32.*quantize"):
+            plan(testing.compose([f"target={target}", "stages.quantize=null"], recipe="tiny_mcu"))

@@ -153,6 +153,11 @@ class Session:
         """Names of the compute layers that do not run INT8 (for quantize's fp_layers.json)."""
         return []
 
+    def report_files(self, folder: Path) -> dict[str, Path]:
+        """Tables of what the runtime compiled (e.g. a per-operator CSV), written into `folder`: the stage's
+        report files and MLflow artifacts, {name: path}. Default: none."""
+        return {}
+
 
 # ---------------------------------------------------------------------------- runtime
 class Runtime:
@@ -271,3 +276,14 @@ class Runtime:
         """PROFILE: per executed layer at batch 1: {name, type, kernel, precision, ms (mean per inference)},
         slowest first."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------------ hooks with defaults
+    @classmethod
+    def check_plan(cls, target_cfg: Any, final_precision: str, final_stage: str) -> None:
+        """Plan time, after the stages are planned: refuse a recipe this runtime cannot deploy (e.g. an
+        int8-only target whose last stage leaves the model float). Default: anything goes."""
+
+    def package(self, deployable: Any, out: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Extra files for deploy/ beside the deployable's (e.g. firmware sources), written into `out`;
+        returns model.json's "firmware"-style entry ({} when there is nothing to add)."""
+        return {}
