@@ -19,6 +19,8 @@ ONNX_FILE = "model.onnx"
 QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
                  "MatMulInteger", "DynamicQuantizeLinear")
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# edgebuild's calibration method names -> onnxruntime.quantization.CalibrationMethod; the default first
+CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 
 class ONNXRuntime(Runtime):
@@ -29,6 +31,7 @@ class ONNXRuntime(Runtime):
     capabilities = frozenset({base.QUANTIZE, base.EXPORT})
     precisions = ("fp32",)
     packages = ("onnxruntime", "onnx")
+    calibration_methods = tuple(CALIBRATION_METHODS)
 
     def available_devices(self) -> list[str]:
         import onnxruntime as ort
@@ -60,6 +63,7 @@ class ONNXRuntime(Runtime):
         import onnx
         from onnxruntime.quantization import (
             CalibrationDataReader,
+            CalibrationMethod,
             QuantFormat,
             QuantType,
             quant_pre_process,
@@ -96,14 +100,17 @@ class ONNXRuntime(Runtime):
                 return next(self.items, None)
 
         activations = QuantType.QInt8 if request.symmetric else QuantType.QUInt8
+        method = request.calibration_method or self.calibration_methods[0]
         ignored = base.select_layers([n.name for n in graph.node], request.ignored_names, request.ignored_patterns)
         quantize_static(str(prepared), str(workdir / ONNX_FILE), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=request.per_channel, activation_type=activations, weight_type=QuantType.QInt8,
                         nodes_to_exclude=ignored,
+                        calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
                         extra_options={"ActivationSymmetric": request.symmetric, "WeightSymmetric": True})
         prepared.unlink()
         meta = {**request.meta, "formats": [self.format]}
-        return Quantized(Artifact(self.format, workdir, [ONNX_FILE], meta), float_model, [])
+        scheme = {"target_device": self.quantization_device(), "calibration_method": method}
+        return Quantized(Artifact(self.format, workdir, [ONNX_FILE], meta), float_model, [], scheme)
 
     def compile(self, artifact: Artifact, device: str, batch: int) -> ONNXSession:
         import onnxruntime as ort
