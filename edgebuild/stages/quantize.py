@@ -146,7 +146,7 @@ class Quantize(Stage):
             from edgebuild.stages import sensitivity
 
             diagnosis = sensitivity.diagnose(ctx, request, self.sensitivity_top, self.max_drop, auto)
-            precision = sensitivity.float_precision(ctx.target)
+            precision = sensitivity.precision_statement(ctx.target)
             files.update(sensitivity.write(diagnosis, ctx.workdir, ctx.task.primary_metric, precision))
             if auto:
                 request = dataclasses.replace(request, ignored_names=[*request.ignored_names, *diagnosis.chosen])
@@ -173,8 +173,7 @@ class Quantize(Stage):
             if auto:
                 metrics.update({"quantize/float_layers_auto": len(diagnosis.chosen),
                                 "quantize/val_mixed": diagnosis.chosen_metric})
-                notes.append(f"float_layers=auto kept {len(diagnosis.chosen)} layer(s) in "
-                             f"{sensitivity.float_precision(ctx.target)}"
+                notes.append(f"float_layers=auto kept {len(diagnosis.chosen)} layer(s) in {precision}"
                              + (f": {', '.join(diagnosis.chosen[:8])}" if diagnosis.chosen else "")
                              + ("" if diagnosis.within else f"; max_drop={self.max_drop} NOT reached even so"))
         if ctx.target.unmeasured:  # nothing runs here: the runtime checked its INT8 graph in quantize()

@@ -56,6 +56,16 @@ def float_precision(target: Any) -> str:
     return {"f32": "fp32", "auto": "runtime default"}.get(precision, precision)
 
 
+def precision_statement(target: Any) -> str:
+    """float_precision in words, saying what ran instead when the device is absent (CPU proxy)."""
+    label = float_precision(target)
+    if not target.is_proxy:
+        return f"{label} on {target.cfg.device}"
+    here = {"f32": "fp32", "auto": "the CPU's default (bf16 where the CPU has it)"}.get(str(target.cfg.precision),
+                                                                                     str(target.cfg.precision))
+    return f"{label} on {target.cfg.device}; measured here on the CPU proxy, where it ran in {here}"
+
+
 def diagnose(ctx: Any, request: Any, top: int, max_drop: float | None, auto: bool) -> Diagnosis:
     """Quantize once fully, measure per-layer error, then re-quantize with single layers (and, with `auto`,
     growing sets of layers) kept in float; every model goes into a scratch folder removed at the end."""
@@ -117,23 +127,34 @@ def diagnose(ctx: Any, request: Any, top: int, max_drop: float | None, auto: boo
     within = True
     if auto:
         assert max_drop is not None
-        if float_metric - int8_metric <= max_drop:
-            chosen_metric = int8_metric
-        else:
-            measured = sorted((r for r in rows if r["recovered"] is not None), key=lambda r: -r["recovered"])
-            order = [r["layer"] for r in measured] + [r["layer"] for r in rows if r["recovered"] is None]
-            single = {r["layer"]: r["metric_float_kept"] for r in measured}
-            within = False
-            for i, layer in enumerate(order):
-                chosen.append(layer)
-                chosen_metric = single[layer] if len(chosen) == 1 and layer in single else \
-                    score(quantize(f"auto{i}", chosen).artifact)
-                if float_metric - chosen_metric <= max_drop:
-                    within = True
-                    break
+        step = iter(range(10**6))
+        chosen, chosen_metric, within = choose(
+            rows, float_metric, int8_metric, max_drop,
+            lambda layers: score(quantize(f"auto{next(step)}", layers).artifact))
     shutil.rmtree(scratch)
     return Diagnosis(rows, float_metric, int8_metric, chosen, chosen_metric, time.perf_counter() - t0,
                      counts["quantizations"], counts["evaluations"], 2, within)
+
+
+def choose(rows: list[dict[str, Any]], float_metric: float, int8_metric: float, max_drop: float,
+           evaluate: Any) -> tuple[list[str], float, bool]:
+    """Greedy mixed precision: add layers to the float set, the ones whose float copy alone recovered most
+    first (rows with a metric check), then the rest by lowest SQNR, until float − metric <= max_drop.
+    `evaluate(layers)` is the primary metric with those layers in float. Returns (layers, metric, reached);
+    no layer when INT8 is already within the limit. The first layer's metric is reused from its row."""
+    if float_metric - int8_metric <= max_drop:
+        return [], int8_metric, True
+    measured = sorted((r for r in rows if r.get("recovered") is not None), key=lambda r: -r["recovered"])
+    order = [r["layer"] for r in measured] + [r["layer"] for r in rows if r.get("recovered") is None]
+    single = {r["layer"]: r["metric_float_kept"] for r in measured}
+    chosen: list[str] = []
+    metric = int8_metric
+    for layer in order:
+        chosen.append(layer)
+        metric = single[layer] if len(chosen) == 1 and layer in single else evaluate(list(chosen))
+        if float_metric - metric <= max_drop:
+            return chosen, metric, True
+    return chosen, metric, False
 
 
 def write(diagnosis: Diagnosis, folder: Path, metric: str, precision: str) -> dict[str, str]:
