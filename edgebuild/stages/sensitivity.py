@@ -142,7 +142,7 @@ def choose(rows: list[dict[str, Any]], float_metric: float, int8_metric: float, 
     first (rows with a metric check), then the rest by lowest SQNR, until float − metric <= max_drop.
     `evaluate(layers)` is the primary metric with those layers in float. Returns (layers, metric, reached);
     no layer when INT8 is already within the limit. The first layer's metric is reused from its row."""
-    if float_metric - int8_metric <= max_drop:
+    if float_metric - int8_metric <= max_drop + 1e-9:
         return [], int8_metric, True
     measured = sorted((r for r in rows if r.get("recovered") is not None), key=lambda r: -r["recovered"])
     order = [r["layer"] for r in measured] + [r["layer"] for r in rows if r.get("recovered") is None]
@@ -152,7 +152,7 @@ def choose(rows: list[dict[str, Any]], float_metric: float, int8_metric: float, 
     for layer in order:
         chosen.append(layer)
         metric = single[layer] if len(chosen) == 1 and layer in single else evaluate(list(chosen))
-        if float_metric - metric <= max_drop:
+        if float_metric - metric <= max_drop + 1e-9:  # accuracy is a multiple of 1/n: no rounding trap
             return chosen, metric, True
     return chosen, metric, False
 
