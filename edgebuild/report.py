@@ -180,6 +180,39 @@ class Report:
             files = sorted(path.rglob("*.json")) if path else []
             return profile.table(profile.load(files[0]), self.top) if files else None
 
+    def sensitivity_rows(self, build: dict[str, Any]) -> list[tuple[str, tuple[list[str], list[list[str]]]]]:
+        """Per quantize stage that ran `sensitivity: true` (or float_layers=auto): its ranked layer table
+        (the stage file sensitivity.json, an MLflow artifact of the stage run), worst SQNR first."""
+        if not self.uri:
+            return []
+        import json
+
+        from edgebuild import tracking
+
+        out = []
+        for stage in build["stages"]:
+            m = stage["metrics"]
+            if "quantize/sensitivity_layers" not in m:
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                path = tracking.download(self.uri, stage["run_id"], "sensitivity", Path(tmp))
+                files = sorted(path.rglob("*.json")) if path else []
+                rows = json.loads(files[0].read_text()) if files else []
+            if not rows:
+                continue
+            header = ["rank", "layer (as ignored_names takes it)", "type", "SQNR dB", "MSE", "metric, layer in float",
+                      "drop vs float"]
+            table = [[str(r.get("rank", i + 1)), r["layer"], r.get("type", ""), format_value(r.get("sqnr_db"), "{:.2f}"),
+                      format_value(r.get("mse"), "{:.3g}"), format_value(r.get("metric_float_kept"), "{:.4f}"),
+                      format_value(r.get("metric_drop"), "{:+.4f}")] for i, r in enumerate(rows[: max(self.top, 1)])]
+            title = (f"INT8 sensitivity of {stage['name']} (run {stage['run_id'][:8]}): float "
+                     f"{format_value(m.get('quantize/val_float'), '{:.4f}')}, INT8 "
+                     f"{format_value(m.get('quantize/val_int8'), '{:.4f}')} on the validation split; cost "
+                     f"{format_value(m.get('quantize/sensitivity_seconds'), '{:.1f}')} s, "
+                     f"{format_value(m.get('quantize/sensitivity_evaluations'), '{:.0f}')} evaluations")
+            out.append((title, (header, table)))
+        return out
+
     # ------------------------------------------------------------------------------ figures
     def make_figures(self) -> None:
         import matplotlib
@@ -238,6 +271,7 @@ class Report:
             prof = self.profile_rows(b)
             if prof:
                 out.append((f"Slowest layers on the runtime, final stage of {b['run_id'][:8]}", prof))
+            out += self.sensitivity_rows(b)
         if "stages.png" in self.figures:
             out.append(("What each stage changed", "stages.png"))
         out.append(("Environment", self.environment_rows()))

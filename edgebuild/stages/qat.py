@@ -1,7 +1,8 @@
 """qat: quantization-aware training, NNCF's order: INT8 PTQ on the torch model (calibration subset
 `data.calibration`), then fine-tuning through the shared Lightning path (`finetune.fit`, the task's
 loss), then the runtime's INT8 deployable
-(`Runtime.qat_prepare` / `qat_export`: NNCF for OpenVINO). Same metrics as `quantize`, so the two compare side by
+(`Runtime.qat_prepare` / `qat_export`: NNCF for OpenVINO, with the target device's scheme, recorded as
+`quantize/target_device`). Same metrics as `quantize`, so the two compare side by
 side. NNCF's torch backend compiles a C++ extension on first use (about 40 s, once per machine)."""
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class QAT(FitConfig, Stage):
     kind: ClassVar[str] = "qat"
     output_precision: ClassVar[str | None] = "int8"
     needs_float_input: ClassVar[bool] = True
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # 2: quantizers follow the target device's scheme (nncf.TargetDevice)
     uses: ClassVar[tuple[str, ...]] = ("data", "task", "trainer", "calibration")
 
     epochs: int = bounded(2, ge=1)
@@ -47,5 +48,6 @@ class QAT(FitConfig, Stage):
         artifact = runtime.qat_export(quantized, source.meta["input_shape"], ctx.workdir, meta)
         fp_layers = verify_int8(ctx, artifact, self.kind)
         write_json(ctx.workdir / "fp_layers.json", fp_layers)
-        metrics.update({"quantize/fp_layers": len(fp_layers), "quantize/calibration_samples": int(len(calibration))})
+        metrics.update({"quantize/fp_layers": len(fp_layers), "quantize/calibration_samples": int(len(calibration)),
+                        "quantize/target_device": runtime.quantization_device()})
         return StageResult(artifact, metrics, files={"fp_layers": "fp_layers.json"})

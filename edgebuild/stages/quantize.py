@@ -8,10 +8,19 @@ some runtimes have are capabilities, refused at plan time elsewhere.
 Task-agnostic: any number of raw outputs; accuracy control scores them with the task's evaluator.
 The result is compiled on the target's device and its runtime graph read: a model in which no compute
 layer runs INT8 fails the stage, and the layers left in floating point are listed (`fp_layers.json`).
+
+The runtime quantizes with the target device's own scheme (NNCF: nncf.TargetDevice CPU, GPU or NPU from
+target.device), recorded as `quantize/target_device`. `calibration.method` picks how activation ranges are
+estimated (the runtime's `calibration_methods`), `calibration.samples` how many calibration images are used.
+`sensitivity: true` adds the per-layer INT8 report (stages/sensitivity.py: sensitivity.json/.csv/.md/.png);
+`float_layers: auto` with `max_drop` keeps the fewest layers in float, chosen from it, that bring the drop of
+the primary metric within max_drop (on any runtime with QUANTIZE_SENSITIVITY; without float_layers, max_drop
+is NNCF's accuracy control).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -33,6 +42,9 @@ MODEL_TYPES = ("transformer",)
 # options only some runtimes implement: option -> the capability it needs
 OPTIONAL = {"bias_correction": base.QUANTIZE_BIAS_CORRECTION, "model_type": base.QUANTIZE_MODEL_TYPE,
             "max_drop": base.QUANTIZE_ACCURACY_CONTROL}
+CALIBRATION_KEYS = ("method", "samples")
+# every calibration method some runtime has (edgebuild's names; each runtime maps them to its tool's)
+CALIBRATION_METHODS = ("minmax", "mean_minmax", "percentile", "entropy")
 SLOWER_THAN = 1.1  # an INT8 speed-up below this is reported as "not faster" (noise on a shared machine)
 
 
@@ -41,7 +53,7 @@ class Quantize(Stage):
     kind: ClassVar[str] = "quantize"
     output_precision: ClassVar[str | None] = "int8"
     needs_float_input: ClassVar[bool] = True
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # 2: the target device's scheme (nncf.TargetDevice), calibration, sensitivity
     uses: ClassVar[tuple[str, ...]] = ("data", "task", "calibration", "target_format")
 
     preset: str = "performance"
@@ -53,6 +65,12 @@ class Quantize(Stage):
     # accuracy control: max absolute drop of the task's primary metric
     max_drop: float | None = bounded(None, gt=0, lt=1)
     # (0.01 = 1 pp of top-1) on the validation split
+    # calibration: {method: null | minmax | mean_minmax | percentile | entropy (the runtime's list),
+    #               samples: null (= data.calibration.size) | N (the first N of that subset)}
+    calibration: dict[str, Any] = field(default_factory=lambda: {"method": None, "samples": None})
+    sensitivity: bool = False  # per-layer INT8 report: sensitivity.json/.csv/.md/.png
+    sensitivity_top: int = bounded(5, ge=1)  # layers (lowest SQNR first) whose metric is checked in float
+    float_layers: str | None = None  # "auto": keep in float the fewest layers that bring the drop within max_drop
 
     # ---------------------------------------------------------------------------- plan time
     def check(self, cfg: Any) -> None:
@@ -65,34 +83,107 @@ class Quantize(Stage):
             raise EdgebuildError(f"quantize: max_drop={self.max_drop} is not a fraction of the metric",
                                  "use e.g. max_drop=0.01 for at most 1 pp of top-1 (or 0.01 mAP)")
         check_patterns(self, ignored_patterns=self.ignored_patterns)
-        asked = {f"{k}={getattr(self, k)}": cap for k, cap in OPTIONAL.items() if getattr(self, k) is not None}
+        auto = self.float_layers is not None
+        if auto and self.float_layers != "auto":
+            raise EdgebuildError(f"quantize: float_layers={self.float_layers!r} is not a choice",
+                                 "use float_layers=auto (with max_drop), or list layers in ignored_names")
+        if auto and self.max_drop is None:
+            raise EdgebuildError("quantize: float_layers=auto needs max_drop (the drop it must reach)",
+                                 "add e.g. max_drop=0.01 (at most 1 pp of the primary metric)")
+        asked = {f"{k}={getattr(self, k)}": cap for k, cap in OPTIONAL.items() if getattr(self, k) is not None
+                 and not (k == "max_drop" and auto)}  # with float_layers=auto, max_drop is ours, not NNCF's
+        if self.sensitivity or auto:
+            asked["sensitivity=true" if self.sensitivity else "float_layers=auto"] = base.QUANTIZE_SENSITIVITY
         require(cfg.target, self.kind, base.QUANTIZE, asked)
+        self._check_calibration(cfg)
+
+    def _check_calibration(self, cfg: Any) -> None:
+        from edgebuild.targets import runtime_class
+
+        unknown = sorted(set(self.calibration) - set(CALIBRATION_KEYS))
+        if unknown:
+            raise EdgebuildError(f"quantize: unknown calibration option(s) {unknown}",
+                                 f"calibration takes: {', '.join(CALIBRATION_KEYS)}")
+        samples = self.calibration.get("samples")
+        if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+            raise EdgebuildError(f"quantize: calibration.samples={samples} is not a number of images",
+                                 "use an integer >= 1, or null for data.calibration.size")
+        method = self.calibration.get("method")
+        if method is None:
+            return
+        runtime = runtime_class(cfg.target)
+        if method not in runtime.calibration_methods:
+            from edgebuild.targets import load_runtimes
+
+            others = [n for n, c in load_runtimes().items() if method in c.calibration_methods]
+            has = ", ".join(runtime.calibration_methods) or "none (only its default: calibration.method=null)"
+            raise EdgebuildError(
+                f"quantize: calibration.method={method!r} is not a method of target {cfg.target.name!r} "
+                f"(runtime {cfg.target.runtime})",
+                f"use one of: {has}" + (f"; {method!r} is in: {', '.join(others)}" if others else
+                                        f"; edgebuild's methods are {', '.join(CALIBRATION_METHODS)}"))
 
     # ------------------------------------------------------------------------------- build
     def run(self, ctx: Any) -> StageResult:
         calibration = ctx.data.calibration()
+        samples = self.calibration.get("samples")
+        if samples is not None and samples < len(calibration):
+            calibration = calibration[:samples]  # the subset is already a seeded random draw
         scratch = ctx.workdir / ".float"  # the float model as the runtime sees it; removed at the end
         scratch.mkdir()
+        auto = self.float_layers == "auto"
         request = base.QuantizeRequest(
             calibration=calibration, output_names=list(ctx.task.output_names), meta=self._meta(ctx.input),
             symmetric=self.preset == "performance", per_channel=self.per_channel,
             ignored_names=list(self.ignored_names), ignored_patterns=list(self.ignored_patterns), preset=self.preset,
             bias_correction=self.bias_correction,
-            model_type=self.model_type, max_drop=self.max_drop)
-        if self.max_drop is not None:
+            model_type=self.model_type, max_drop=None if auto else self.max_drop,
+            calibration_method=self.calibration.get("method"))
+        files: dict[str, str] = {}
+        notes: list[str] = []
+        diagnosis = None
+        if self.sensitivity or auto:
+            from edgebuild.stages import sensitivity
+
+            diagnosis = sensitivity.diagnose(ctx, request, self.sensitivity_top, self.max_drop, auto)
+            precision = sensitivity.precision_statement(ctx.target)
+            files.update(sensitivity.write(diagnosis, ctx.workdir, ctx.task.primary_metric, precision))
+            if auto:
+                request = dataclasses.replace(request, ignored_names=[*request.ignored_names, *diagnosis.chosen])
+        if request.max_drop is not None:
             request.validation = [(x, y) for x, y in ctx.data.batches("val", 1)]
             request.score = primary_metric_fn(ctx)
         result = ctx.target.runtime.quantize(ctx.input, request, ctx.workdir, scratch)
         artifact = result.artifact
-        metrics: dict[str, Any] = {"quantize/calibration_samples": int(len(calibration))}
+        metrics: dict[str, Any] = {"quantize/calibration_samples": int(len(calibration)),
+                                   "quantize/target_device": result.scheme.get("target_device", "unknown"),
+                                   "quantize/calibration_method": result.scheme.get("calibration_method", "default")}
+        if diagnosis is not None:
+            metrics.update({"quantize/sensitivity_seconds": diagnosis.seconds,
+                            "quantize/sensitivity_quantizations": diagnosis.quantizations,
+                            "quantize/sensitivity_evaluations": diagnosis.evaluations,
+                            "quantize/sensitivity_layers": len(diagnosis.rows),
+                            "quantize/float_precision": sensitivity.float_precision(ctx.target),
+                            "quantize/val_float": diagnosis.float_metric, "quantize/val_int8": diagnosis.int8_metric})
+            notes.append(f"sensitivity: {len(diagnosis.rows)} layers, worst SQNR "
+                         f"{diagnosis.rows[0]['layer']} ({diagnosis.rows[0]['sqnr_db']:.1f} dB); cost "
+                         f"{diagnosis.seconds:.1f} s, {diagnosis.quantizations} quantizations, "
+                         f"{diagnosis.evaluations} validation evaluations" if diagnosis.rows else
+                         "sensitivity: no quantizable layer left to rank")
+            if auto:
+                metrics.update({"quantize/float_layers_auto": len(diagnosis.chosen),
+                                "quantize/val_mixed": diagnosis.chosen_metric})
+                notes.append(f"float_layers=auto kept {len(diagnosis.chosen)} layer(s) in {precision}"
+                             + (f": {', '.join(diagnosis.chosen[:8])}" if diagnosis.chosen else "")
+                             + ("" if diagnosis.within else f"; max_drop={self.max_drop} NOT reached even so"))
         if ctx.target.unmeasured:  # nothing runs here: the runtime checked its INT8 graph in quantize()
             shutil.rmtree(scratch)
-            return StageResult(artifact, metrics, notes=[f"unmeasured: {ctx.target.unmeasured}; INT8 checked in "
-                                                         "the graph only, no speed-up timed"])
+            return StageResult(artifact, metrics, files=files,
+                               notes=[*notes, f"unmeasured: {ctx.target.unmeasured}; INT8 checked in "
+                                      "the graph only, no speed-up timed"])
         fp_layers = verify_int8(ctx, artifact, self.kind)
         metrics["quantize/fp_layers"] = len(fp_layers)
-        notes = []
-        if self.max_drop is not None:
+        if request.max_drop is not None:
             notes.append(f"accuracy control kept {len(fp_layers)} layer(s) in floating point"
                          + (f": {', '.join(fp_layers[:8])}{' ...' if len(fp_layers) > 8 else ''}" if fp_layers else ""))
         speedup, load = interleaved_speedup(ctx, result.float_model, artifact)
@@ -103,7 +194,8 @@ class Quantize(Stage):
                          "quantize/dequantize overhead outweigh the INT8 arithmetic")
         shutil.rmtree(scratch)
         write_json(ctx.workdir / "fp_layers.json", fp_layers)
-        return StageResult(artifact, metrics, files={"fp_layers": "fp_layers.json"}, steps=result.steps, notes=notes)
+        return StageResult(artifact, metrics, files={"fp_layers": "fp_layers.json", **files}, steps=result.steps,
+                           notes=notes)
 
     def _meta(self, source: Artifact) -> dict[str, Any]:
         options = {k: v for k, v in self.params().items() if v not in (None, [])}

@@ -45,6 +45,8 @@ QUANTIZE = "quantize"  # post-training INT8 from calibration data: Runtime.quant
 QUANTIZE_ACCURACY_CONTROL = "quantize.max_drop"  # QuantizeRequest.max_drop (float layers back until within)
 QUANTIZE_BIAS_CORRECTION = "quantize.bias_correction"  # QuantizeRequest.bias_correction
 QUANTIZE_MODEL_TYPE = "quantize.model_type"  # QuantizeRequest.model_type ("transformer")
+# Runtime.layers + Runtime.layer_outputs: per-layer float vs INT8 error, layers named as ignored_names takes them
+QUANTIZE_SENSITIVITY = "quantize.sensitivity"
 QAT = "qat"  # Runtime.qat_prepare + Runtime.qat_export (fine-tuning happens in the stage, in torch)
 WEIGHTS_FP16 = "weights.fp16"  # Runtime.compress_weights(weights="fp16")
 WEIGHTS_INT8 = "weights.int8"  # Runtime.compress_weights(weights="int8"), data-free weight-only INT8
@@ -94,6 +96,9 @@ class QuantizeRequest:
     bias_correction: str | None = None  # fast | full | none (QUANTIZE_BIAS_CORRECTION)
     model_type: str | None = None  # "transformer" (QUANTIZE_MODEL_TYPE)
     max_drop: float | None = None  # absolute drop of the primary metric (QUANTIZE_ACCURACY_CONTROL)
+    # how activation ranges are estimated from the calibration set: one of Runtime.calibration_methods;
+    # None = the tool's default
+    calibration_method: str | None = None
     validation: list[tuple[np.ndarray, Any]] | None = None  # (x [1,C,H,W], target) pairs, with max_drop
     # score(pairs of (raw outputs, target)) -> primary metric; with max_drop
     score: Callable[[Iterable[tuple[list[np.ndarray], Any]]], float] | None = None
@@ -107,6 +112,8 @@ class Quantized:
     artifact: Any  # Artifact
     float_model: Any  # Artifact
     steps: list[dict[str, Any]] = field(default_factory=list)
+    # what the tool was really asked for: {"target_device": CPU | GPU | NPU, "calibration_method": ...}
+    scheme: dict[str, Any] = field(default_factory=dict)
 
 
 def select_layers(names: list[str], ignored_names: list[str], ignored_patterns: list[str]) -> list[str]:
@@ -191,6 +198,9 @@ class Runtime:
     packages: ClassVar[tuple[str, ...]] = ()
     export_by_default: ClassVar[bool] = True
     cpu_proxy: ClassVar[bool] = True
+    # QuantizeRequest.calibration_method values this runtime's quantizer has (edgebuild's names: minmax,
+    # mean_minmax, percentile, entropy), the default first; () = only the tool's default (method null)
+    calibration_methods: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -246,6 +256,11 @@ class Runtime:
         session.load_ms = (time.perf_counter() - t0) * 1000.0
         return session
 
+    def quantization_device(self) -> str:
+        """The device whose INT8 scheme quantize and qat use (CPU, GPU or NPU): what `quantize/target_device`
+        records. Default: the CPU (the runtime's quantizer has one scheme, its CPU kernels')."""
+        return "CPU"
+
     # ------------------------------------------------------------------------ optional
     def export(self, source: Any, folder: Path, output_names: list[str], dynamic_batch: bool, opset: int) -> list[str]:
         """EXPORT: write this format of the torch artifact `source` into `folder`; return the files written
@@ -270,6 +285,17 @@ class Runtime:
 
     def qat_export(self, model: Any, input_shape: list[int], folder: Path, meta: dict[str, Any]) -> Any:
         """QAT: the fine-tuned fake-quantized torch module as an INT8 deployable Artifact in `folder`."""
+        raise NotImplementedError
+
+    def layers(self, artifact: Any) -> list[dict[str, str]]:
+        """QUANTIZE_SENSITIVITY: the quantizable (compute) layers of a float deployable, in graph order:
+        {"name": as ignored_names accepts it, "type": the runtime's op type}."""
+        raise NotImplementedError
+
+    def layer_outputs(self, artifact: Any, names: list[str], inputs: Iterable[np.ndarray]
+                      ) -> Iterable[dict[str, np.ndarray]]:
+        """QUANTIZE_SENSITIVITY: per input x [1,C,H,W], the outputs of layers `names` (from layers() of the
+        float model), computed in float32 on the CPU, in the float or the INT8 deployable alike."""
         raise NotImplementedError
 
     def profile(self, artifact: Any, device: str, iterations: int) -> list[dict[str, Any]]:

@@ -4,7 +4,7 @@ Quantization is ORT's `quantize_static` to QDQ ONNX."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,8 @@ ONNX_FILE = "model.onnx"
 QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
                  "MatMulInteger", "DynamicQuantizeLinear")
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# edgebuild's calibration method names -> onnxruntime.quantization.CalibrationMethod; the default first
+CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 
 class ONNXRuntime(Runtime):
@@ -26,9 +28,10 @@ class ONNXRuntime(Runtime):
     format = "onnx"
     files = (ONNX_FILE,)
     suffixes = (".onnx", ".data")
-    capabilities = frozenset({base.QUANTIZE, base.EXPORT})
+    capabilities = frozenset({base.QUANTIZE, base.QUANTIZE_SENSITIVITY, base.EXPORT})
     precisions = ("fp32",)
     packages = ("onnxruntime", "onnx")
+    calibration_methods = tuple(CALIBRATION_METHODS)
 
     def available_devices(self) -> list[str]:
         import onnxruntime as ort
@@ -60,6 +63,7 @@ class ONNXRuntime(Runtime):
         import onnx
         from onnxruntime.quantization import (
             CalibrationDataReader,
+            CalibrationMethod,
             QuantFormat,
             QuantType,
             quant_pre_process,
@@ -96,14 +100,49 @@ class ONNXRuntime(Runtime):
                 return next(self.items, None)
 
         activations = QuantType.QInt8 if request.symmetric else QuantType.QUInt8
+        method = request.calibration_method or self.calibration_methods[0]
         ignored = base.select_layers([n.name for n in graph.node], request.ignored_names, request.ignored_patterns)
         quantize_static(str(prepared), str(workdir / ONNX_FILE), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=request.per_channel, activation_type=activations, weight_type=QuantType.QInt8,
                         nodes_to_exclude=ignored,
+                        calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
                         extra_options={"ActivationSymmetric": request.symmetric, "WeightSymmetric": True})
         prepared.unlink()
         meta = {**request.meta, "formats": [self.format]}
-        return Quantized(Artifact(self.format, workdir, [ONNX_FILE], meta), float_model, [])
+        scheme = {"target_device": self.quantization_device(), "calibration_method": method}
+        return Quantized(Artifact(self.format, workdir, [ONNX_FILE], meta), float_model, [], scheme)
+
+    def layers(self, artifact: Artifact) -> list[dict[str, str]]:
+        """Compute nodes (Conv, Gemm, MatMul...) by node name: what quantize_static's nodes_to_exclude takes."""
+        import onnx
+
+        graph = onnx.load(str(artifact.main_file), load_external_data=False).graph
+        return [{"name": n.name, "type": n.op_type} for n in graph.node if n.op_type in COMPUTE_OPS]
+
+    def layer_outputs(self, artifact: Artifact, names: list[str], inputs: Iterable[np.ndarray]
+                      ) -> Iterator[dict[str, np.ndarray]]:
+        """The model with the named nodes' first outputs added as graph outputs, on the CPU EP (QDQ models
+        keep the float model's node names)."""
+        import onnx
+        import onnxruntime as ort
+
+        model = onnx.load(str(artifact.main_file))
+        nodes = {n.name: n for n in model.graph.node}
+        missing = [n for n in names if n not in nodes]
+        if missing:
+            raise EdgebuildError(f"quantize: layers {missing[:3]} are not nodes of {artifact.main_file}",
+                                 "the INT8 model must keep the float model's node names")
+        tensors = [nodes[n].output[0] for n in names]
+        present = {o.name for o in model.graph.output}
+        model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in present)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(self.cfg.threads)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        feed = session.get_inputs()[0].name
+        for x in inputs:
+            values = session.run(tensors, {feed: x})
+            yield dict(zip(names, values, strict=True))
 
     def compile(self, artifact: Artifact, device: str, batch: int) -> ONNXSession:
         import onnxruntime as ort

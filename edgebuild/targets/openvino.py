@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,12 @@ COMPUTE_LAYERS = {"Convolution", "GroupConvolution", "Deconvolution", "FullyConn
                   "GroupDeconvolution"}
 PRECISION_HINTS = {"f32": "f32", "fp32": "f32", "bf16": "bf16", "f16": "f16", "fp16": "f16"}
 INT8_ELEMENT_TYPES = {"i8", "u8", "i4", "u4", "nf4"}
+# target.device -> nncf.TargetDevice: the device whose INT8 scheme NNCF applies (which layers get quantizers,
+# which ranges and signedness its kernels take). VPU: Intel's VPU-class device is the NPU (conf/target/vpu.yaml)
+NNCF_DEVICES = {"CPU": "CPU", "GPU": "GPU", "NPU": "NPU", "VPU": "NPU"}
+# edgebuild's calibration method names -> NNCF's range estimator presets (RangeEstimatorParametersSet), for
+# activations; the default first. percentile: the mean over samples of the 1e-4 / 1-1e-4 quantiles
+RANGE_ESTIMATORS = {"minmax": "MINMAX", "mean_minmax": "MEAN_MINMAX", "percentile": "MEAN_QUANTILE"}
 
 
 class OpenVINORuntime(Runtime):
@@ -31,10 +37,15 @@ class OpenVINORuntime(Runtime):
     suffixes = (".xml", ".bin")
     aliases = ("openvino IR",)  # the model.json format name of older deploy folders
     capabilities = frozenset({base.QUANTIZE, base.QUANTIZE_ACCURACY_CONTROL, base.QUANTIZE_BIAS_CORRECTION,
-                              base.QUANTIZE_MODEL_TYPE, base.QAT, base.WEIGHTS_FP16, base.WEIGHTS_INT8, base.EXPORT,
+                              base.QUANTIZE_MODEL_TYPE, base.QUANTIZE_SENSITIVITY, base.QAT, base.WEIGHTS_FP16, base.WEIGHTS_INT8, base.EXPORT,
                               base.PROFILE})
     precisions = tuple(PRECISION_HINTS)
     packages = ("openvino", "nncf")
+    calibration_methods = tuple(RANGE_ESTIMATORS)
+
+    def quantization_device(self) -> str:
+        """NNCF's target device for target.device (CPU for a device NNCF has no scheme for)."""
+        return NNCF_DEVICES.get(str(self.cfg.device).upper().split(".")[0], "CPU")
 
     def available_devices(self) -> list[str]:
         import openvino as ov
@@ -98,10 +109,19 @@ class OpenVINORuntime(Runtime):
         float_model = Artifact(self.format, scratch, IR_FILES, source.meta)
         ignored = base.select_layers([op.get_friendly_name() for op in model.get_ops()], request.ignored_names,
                                      request.ignored_patterns)
+        extra: dict[str, Any] = {}
+        if request.calibration_method is not None:
+            from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+            extra["activations_range_estimator_params"] = getattr(RangeEstimatorParametersSet,
+                                                                  RANGE_ESTIMATORS[request.calibration_method])
         advanced = AdvancedQuantizationParameters(
             disable_bias_correction=request.bias_correction == "none",
-            weights_quantization_params=None if request.per_channel else QuantizationParameters(per_channel=False))
+            weights_quantization_params=None if request.per_channel else QuantizationParameters(per_channel=False),
+            **extra)
+        device = self.quantization_device()
         common = dict(preset=nncf.QuantizationPreset(request.preset), subset_size=len(request.calibration),
+                      target_device=nncf.TargetDevice(device),
                       fast_bias_correction=request.bias_correction != "full",
                       model_type=nncf.ModelType(request.model_type) if request.model_type else None,
                       ignored_scope=nncf.IgnoredScope(names=ignored) if ignored else None)
@@ -125,7 +145,8 @@ class OpenVINORuntime(Runtime):
                           "metrics": {"val/float": before, "val/int8": after, "val/drop": (before - after) * 100}})
         save_ir(quantized, workdir / IR_FILE)
         meta = {**request.meta, "formats": [self.format]}
-        return Quantized(Artifact(self.format, workdir, IR_FILES, meta), float_model, steps)
+        scheme = {"target_device": device, "calibration_method": request.calibration_method or "nncf-default"}
+        return Quantized(Artifact(self.format, workdir, IR_FILES, meta), float_model, steps, scheme)
 
     def compress_weights(self, source: Artifact, weights: str, folder: Path, output_names: list[str],
                          meta: dict[str, Any]) -> Artifact:
@@ -157,7 +178,8 @@ class OpenVINORuntime(Runtime):
             model = _Root(model)
         dataset = nncf.Dataset([torch.from_numpy(x[None]) for x in calibration])
         preset = nncf.QuantizationPreset.PERFORMANCE if symmetric else nncf.QuantizationPreset.MIXED
-        return nncf.quantize(model, dataset, preset=preset, subset_size=len(calibration))
+        return nncf.quantize(model, dataset, preset=preset, subset_size=len(calibration),
+                             target_device=nncf.TargetDevice(self.quantization_device()))
 
     def qat_export(self, model: Any, input_shape: list[int], folder: Path, meta: dict[str, Any]) -> Artifact:
         import openvino as ov
@@ -168,6 +190,40 @@ class OpenVINORuntime(Runtime):
         example = torch.zeros([1, *list(input_shape)[1:]])
         save_ir(ov.convert_model(model.eval(), example_input=example), folder / IR_FILE)
         return Artifact(self.format, folder, IR_FILES, {**meta, "formats": [self.format]})
+
+    # ------------------------------------------------------------------ sensitivity
+    def layers(self, artifact: Artifact) -> list[dict[str, str]]:
+        """Compute ops of the IR (Convolution, MatMul...) by friendly name: what NNCF's ignored scope takes."""
+        import openvino as ov
+
+        model = ov.Core().read_model(str(artifact.main_file))
+        return [{"name": op.get_friendly_name(), "type": op.get_type_name()} for op in model.get_ordered_ops()
+                if op.get_type_name() in COMPUTE_LAYERS]
+
+    def layer_outputs(self, artifact: Artifact, names: list[str], inputs: Iterable[np.ndarray]
+                      ) -> Iterator[dict[str, np.ndarray]]:
+        """The IR with the named ops' outputs added as model outputs, compiled once on the CPU in f32."""
+        import openvino as ov
+
+        from edgebuild.errors import EdgebuildError
+
+        core = ov.Core()
+        model = core.read_model(str(artifact.main_file))
+        ops = {op.get_friendly_name(): op for op in model.get_ops()}
+        missing = [n for n in names if n not in ops]
+        if missing:
+            raise EdgebuildError(f"quantize: layers {missing[:3]} are not in {artifact.main_file}",
+                                 "the INT8 model must keep the float model's layer names")
+        first = len(model.outputs)
+        model.add_outputs([ops[n].output(0) for n in names])
+        if len(model.inputs) == 1:
+            model.reshape([1, *list(artifact.meta["input_shape"])[1:]])
+        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                     "INFERENCE_NUM_THREADS": int(self.cfg.threads)})
+        request = compiled.create_infer_request()
+        for x in inputs:
+            request.infer({0: x})
+            yield {n: request.get_output_tensor(first + i).data.copy() for i, n in enumerate(names)}
 
     def compile_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": int(self.cfg.threads)}

@@ -69,8 +69,13 @@ class TensorRTRuntime(Runtime):
     capabilities = frozenset({base.QUANTIZE, base.EXPORT})
     precisions = PRECISIONS  # INT8 comes from a quantize stage (QDQ ONNX)
     packages = ("tensorrt",)
+    # INT8 scales come from ONNX Runtime's quantize_static (QDQ ONNX), so its calibration methods apply
+    calibration_methods = ("minmax", "entropy", "percentile")
     export_by_default = False  # the export stage's ONNX is the same file; no second copy unasked
     cpu_proxy = False  # a GPU engine's latency is not measurable on the CPU
+
+    def quantization_device(self) -> str:
+        return "GPU"  # symmetric Q/DQ as TensorRT's GPU kernels take them
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)
@@ -123,7 +128,8 @@ class TensorRTRuntime(Runtime):
                                  "matmuls")
         meta = {**q.artifact.meta, "format": self.format}
         return Quantized(Artifact(self.format, workdir, q.artifact.files, meta),
-                         Artifact(self.format, q.float_model.root, q.float_model.files, q.float_model.meta), q.steps)
+                         Artifact(self.format, q.float_model.root, q.float_model.files, q.float_model.meta), q.steps,
+                         {**q.scheme, "target_device": self.quantization_device()})
 
     # ------------------------------------------------------------------------ on a GPU
     def compile(self, artifact: Artifact, device: str, batch: int) -> TensorRTSession:

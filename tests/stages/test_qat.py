@@ -26,6 +26,7 @@ def test_qat_fine_tunes_and_exports_an_int8_ir(built):
     assert "qat/best_val_acc" in qat and "qat/seconds" in qat
     assert qat["int8/ops_fraction"] == 1.0 and qat["runtime/precision"] == "int8"
     assert qat["quantize/fp_layers"] == 0 and qat["quantize/calibration_samples"] == 32
+    assert qat["quantize/target_device"] == "CPU"  # the default target's device: NNCF's CPU scheme
     assert qat["acc/top1"] >= train["acc/top1"] - 0.05
     assert qat["macs"] == train["macs"]  # an IR inherits its torch source's counts
     deployable = Path(s["stages"][-1]["deployable"])
