@@ -19,12 +19,22 @@ def measure(model: Any, source: Any, cfg: Any, power: tuple[float | None, float 
     """Stream once; return (metrics: stream/*, quality, energy/* and battery/* estimates, result)."""
     from edgebuild.stream import energy, pipeline, quality
 
-    result = pipeline.run(model, source, cfg, t_start, sink=annotate)
+    try:
+        result = pipeline.run(model, source, cfg, t_start, sink=annotate)
+        interrupted = False
+    except pipeline.Interrupted as e:  # Ctrl-C: the frames processed so far, then re-raised with their metrics
+        if e.result is None:
+            if annotate is not None:
+                annotate.close()
+            raise
+        result, interrupted = e.result, True
     metrics = dict(result.metrics)
     if annotate is not None:
         metrics["stream/annotated_frames"] = annotate.close()
     metrics.update(quality.stream_quality(result, model, source))
     metrics.update(energy.for_stream(metrics, power[0], power[1], *battery))
+    if interrupted:
+        raise pipeline.Interrupted(result, metrics)
     return metrics, result
 
 
@@ -47,7 +57,7 @@ def maybe_run(deployable: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
     source = ShapesVideo(model.width, model.height, num_classes=len(model.class_names or []) or 3, seed=c.seed,
                          frames=frames)
     cfg = StreamConfig(fps=float(c.fps), frames=frames, depth=int(c.depth), policy=str(c.policy),
-                       reuse_threshold=float(c.reuse_threshold))
+                       reuse_threshold=float(c.reuse_threshold), requests=int(c.requests))
     power = OmegaConf.to_container(ctx.target.cfg.spec.power, resolve=True)
     precision = energy.precision_key(model.session.runtime_info().get("runtime/precision"))
     active, idle, _ = energy.device_powers(power, precision)
