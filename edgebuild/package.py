@@ -35,4 +35,14 @@ def write(deployable: Any, metrics: dict[str, Any], out: Path, target: Any, reci
         shutil.copy2(deployable.root / f, out / f)
     spec = model_json(deployable, metrics, target, recipe, stage)
     (out / "model.json").write_text(json.dumps(spec, indent=2, default=str))
+    copy_runner(out, spec)
     return out
+
+
+def copy_runner(out: Path, spec: dict[str, Any]) -> None:
+    """deploy/stream.py, the standalone stream runner (runtime + numpy + PyAV, no edgebuild), and for a detector
+    deploy/postprocess.py, its decode + NMS in plain numpy."""
+    here = Path(__file__).parent
+    shutil.copy2(here / "stream" / "runner.py", out / "stream.py")
+    if spec.get("task") == "detection":
+        shutil.copy2(here / "detection" / "postprocess.py", out / "postprocess.py")

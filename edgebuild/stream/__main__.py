@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write the metrics as JSON")
     p.add_argument("--active-watts", type=float, default=None, help="device power busy (default: target spec.power)")
     p.add_argument("--idle-watts", type=float, default=None, help="device power idle (default: target spec.power)")
+    p.add_argument("--energy", choices=["auto", "rapl", "model"], default="auto", help="energy figures: measured "
+                   "by the Linux RAPL counters where readable, else the stated power model (auto, default); rapl "
+                   "only (exit 2 where unreadable); model only (the target spec's powers)")
     p.add_argument("--battery-mah", type=float, default=2000.0, help="battery capacity for battery/hours (2000)")
     p.add_argument("--battery-volts", type=float, default=3.7, help="battery voltage (3.7)")
     return p.parse_args(argv)
@@ -98,9 +101,11 @@ ROWS = [  # (label, metric, format)
     ("time to first result (ms)", "stream/first_result_ms", "{:.1f}"),
     ("mAP@0.5 / mAP@[.5:.95] / recall (vs exact boxes)", None, None),
     ("mAP@[.5:.95] every frame inferred / reuse cost (points)", None, None),
-    ("energy per inference (mJ, estimate)", "energy/mj_per_inference", "{:.3f}"),
-    ("busy fraction / average power (W, estimate)", None, None),
-    ("battery life (h, estimate)", "battery/hours", "{:.1f}"),
+    ("energy source (rapl: measured here; model: estimate)", "energy/source", "{}"),
+    ("energy per inference (mJ)", "energy/mj_per_inference", "{:.3f}"),
+    ("busy fraction / average power (W)", None, None),
+    ("battery life (h)", "battery/hours", "{:.1f}"),
+    ("model estimate: mJ / inference; battery (h)", None, None),
 ]
 
 
@@ -121,8 +126,11 @@ def rows(m: dict[str, Any]) -> list[tuple[str, str]]:
             "stream/map_50", "stream/map_50_95", "stream/recall_100")),
         "mAP@[.5:.95] every frame inferred / reuse cost (points)": f"{f('stream/map_50_95_every_frame', '{:.3f}')} / "
                                                                    f"{f('stream/reuse_map_cost', '{:+.2f}')}",
-        "busy fraction / average power (W, estimate)": f"{f('energy/busy_fraction', '{:.1%}')} / "
-                                                       f"{f('energy/avg_power_w', '{:.3f}')}",
+        "busy fraction / average power (W)": f"{f('energy/busy_fraction', '{:.1%}')} / "
+                                             f"{f('energy/avg_power_w', '{:.3f}')}",
+        "model estimate: mJ / inference; battery (h)": (f"{f('energy/model_mj_per_inference', '{:.3f}')}; "
+                                                        f"{f('battery/model_hours')}")
+        if m.get("energy/source") == "rapl" else "-",
     }
     out = []
     for label, key, fmt in ROWS:
@@ -189,22 +197,26 @@ def main(argv: list[str] | None = None) -> int:
         compare: dict[str, dict[str, Any]] = {}
         interrupted = False
         try:
-            if a.requests > 1:  # the same frames synchronously first: the table's comparison column
+            try:
+                metrics, result = measure(model, source, cfg, (active, idle), (a.battery_mah, a.battery_volts),
+                                          t_start, annotate, a.energy)
+            except Interrupted as e:
+                if e.result is None:
+                    raise
+                metrics, result, interrupted = e.metrics, e.result, True
+            if a.requests > 1 and not interrupted:  # the same frames synchronously: the comparison column
                 sync_source = open_source(a.source, w, h, frames, seed=a.seed,
                                           num_classes=len(model.class_names or []) or 3)
                 try:
                     compare["synchronous (1 request)"], _ = measure(
                         model, sync_source, StreamConfig(**{**vars(cfg), "requests": 1}), (active, idle),
-                        (a.battery_mah, a.battery_volts))
+                        (a.battery_mah, a.battery_volts), energy_source=a.energy)
+                except Interrupted as e:
+                    if e.metrics:
+                        compare["synchronous (1 request), interrupted"] = e.metrics
+                    interrupted = True
                 finally:
                     sync_source.close()
-            try:
-                metrics, result = measure(model, source, cfg, (active, idle), (a.battery_mah, a.battery_volts),
-                                          t_start, annotate)
-            except Interrupted as e:
-                if e.result is None:
-                    raise
-                metrics, result, interrupted = e.metrics, e.result, True
         finally:
             source.close()
     except EdgebuildError as e:
@@ -215,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     notes = list(result.notes)
-    if "energy/mj_per_inference" in metrics:
+    if metrics.get("energy/source") == "rapl":
+        notes.append(f"energy: MEASURED by RAPL on this machine's CPU packages ({metrics['energy/rapl_j']:.2f} J over "
+                     f"{metrics['stream/wall_s']:.1f} s, everything running on them included); the model estimate "
+                     "from the stated powers is the energy/model_* row")
+    elif "energy/mj_per_inference" in metrics:
         notes.append(f"energy: ESTIMATES from stated powers ({active:g} W active, {idle or 0:g} W idle, {precision}; "
                      f"{where or 'no source given'}) x the busy time measured here; formulas in "
                      "edgebuild/stream/energy.py")
