@@ -15,7 +15,8 @@ from typing import Any
 
 
 def measure(model: Any, source: Any, cfg: Any, power: tuple[float | None, float | None], battery: tuple[float, float],
-            t_start: float | None = None, annotate: Any = None, energy_source: str = "auto") -> tuple[dict[str, Any], Any]:
+            t_start: float | None = None, annotate: Any = None, energy_source: str = "auto",
+            on_result: Any = None) -> tuple[dict[str, Any], Any]:
     """Stream once; return (metrics: stream/*, quality, energy/* and battery/* (estimates from `power`, or
     measured by RAPL where readable and `energy_source` is auto|rapl; `energy/source` says which), result)."""
     from edgebuild.stream import energy, pipeline, quality
@@ -30,7 +31,7 @@ def measure(model: Any, source: Any, cfg: Any, power: tuple[float | None, float 
     if meter is not None:
         meter.begin()
     try:
-        result = pipeline.run(model, source, cfg, t_start, sink=annotate)
+        result = pipeline.run(model, source, cfg, t_start, sink=annotate, on_result=on_result)
         interrupted = False
     except pipeline.Interrupted as e:  # Ctrl-C: the frames processed so far, then re-raised with their metrics
         if e.result is None:

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             try:
                 metrics, result = measure(model, source, cfg, (active, idle), (a.battery_mah, a.battery_volts),
-                                          t_start, annotate, a.energy)
+                                          t_start, annotate, a.energy, first_result_line(t_start))
             except Interrupted as e:
                 if e.result is None:
                     raise
@@ -252,6 +252,19 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     return 0
+
+
+def first_result_line(t_start: float) -> Any:
+    """An on_result hook: one stderr line when the first result is ready (the stream runs; Ctrl-C stops it)."""
+    said = []
+
+    def hook(record: Any) -> None:
+        if not said:
+            said.append(1)
+            print(f"edgebuild.stream: first result {(record.t_done - t_start) * 1000:.0f} ms after start; streaming "
+                  "(Ctrl-C stops it with a partial table)", file=sys.stderr, flush=True)
+
+    return hook
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -158,9 +158,11 @@ def _small(pixels: np.ndarray) -> np.ndarray:
     return pixels[::REUSE_STRIDE, ::REUSE_STRIDE].astype(np.float32)
 
 
-def run(model: Any, source: Any, cfg: StreamConfig, t_start: float | None = None, sink: Any = None) -> StreamResult:
+def run(model: Any, source: Any, cfg: StreamConfig, t_start: float | None = None, sink: Any = None,
+        on_result: Any = None) -> StreamResult:
     """Stream `source` through `model` (a StreamModel) with `cfg`; `t_start` (perf_counter, before the model was
-    loaded) dates the time to first result; `sink.put(pixels, result)` receives every processed frame (annotation)."""
+    loaded) dates the time to first result; `sink.put(pixels, result)` receives every processed frame (annotation);
+    `on_result(record)` is called (inference thread) after each processed frame (the CLI's progress line)."""
     cfg.check()
     ring = Ring(cfg.depth, cfg.policy)
     stop = threading.Event()
@@ -229,6 +231,8 @@ def run(model: Any, source: Any, cfg: StreamConfig, t_start: float | None = None
                                       size))
                 if sink is not None:
                     sink.put(pixels, result)
+                if on_result is not None:
+                    on_result(records[-1])
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
             errors.append(e)
             stop.set()
@@ -259,6 +263,8 @@ def run(model: Any, source: Any, cfg: StreamConfig, t_start: float | None = None
                                   size))
             if sink is not None:
                 sink.put(pixels, result)
+            if on_result is not None:
+                on_result(records[-1])
 
         try:
             while True:
