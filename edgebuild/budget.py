@@ -19,9 +19,15 @@ LIMITS: dict[str, tuple[str, str, float]] = {
     "max_ram_bytes": ("memory/peak_ram_bytes", "<=", 1.0),
     "max_flash_bytes": ("memory/flash_bytes", "<=", 1.0),
     "min_npu_ops_fraction": ("ethos_u/npu_ops_fraction", ">=", 1.0),
+    # measured by the stream (eval.stream.enabled; plan time refuses them otherwise)
+    "min_fps": ("stream/fps", ">=", 1.0),
+    "max_e2e_latency_ms": ("stream/e2e_p90_ms", "<=", 1.0),
+    "max_energy_mj": ("energy/mj_per_inference", "<=", 1.0),
+    "min_battery_hours": ("battery/hours", ">=", 1.0),
 }
 # a violated check names what violated it, from this metric (Vela's CPU fallbacks)
 DETAILS = {"ethos_u/npu_ops_fraction": "ethos_u/cpu_ops"}
+STREAM_LIMITS = ("min_fps", "max_e2e_latency_ms", "max_energy_mj", "min_battery_hours")
 OPS = {"<=": operator.le, ">=": operator.ge}
 
 

@@ -79,6 +79,20 @@ def check_config(cfg: Any) -> None:
     if stream.policy not in ("drop_oldest", "block"):  # edgebuild.stream.pipeline.POLICIES (kept light here)
         raise EdgebuildError(f"eval.stream.policy={stream.policy!r} is not a stream policy",
                              "set eval.stream.policy to drop_oldest or block")
+    from edgebuild import targets
+    from edgebuild.budget import STREAM_LIMITS
+    from edgebuild.targets.base import ASYNC
+
+    if stream.requests > 1 and not targets.supports(cfg.target, ASYNC):
+        raise EdgebuildError(f"eval.stream.requests={stream.requests} asks for asynchronous inference, which runtime "
+                             f"{cfg.target.runtime} does not offer", "set eval.stream.requests=1, or use a target "
+                             "whose runtime has asynchronous requests (target=cpu: OpenVINO)")
+    for where, budget in (("budget", cfg.budget), ("target.budget", cfg.target.budget)):
+        for key in STREAM_LIMITS:
+            if budget.get(key) is not None and not stream.enabled:
+                raise EdgebuildError(f"{where}.{key}={budget.get(key)} is a stream budget, but the build does not "
+                                     "stream (eval.stream.enabled=false)", "add eval.stream.enabled=true, or "
+                                     f"remove {where}.{key}")
     data = cfg.data
     pad = max(1, data.image_size // 8) if data.augment_pad is None else data.augment_pad
     if data.augment and cfg.task.name == "classification" and pad >= data.image_size:
@@ -165,6 +179,11 @@ class BudgetConf:
     max_ram_bytes: int | None = bounded(None, gt=0)
     max_flash_bytes: int | None = bounded(None, gt=0)
     min_npu_ops_fraction: float | None = bounded(None, ge=0, le=1)  # ethos_u/npu_ops_fraction (1: NPU only)
+    # stream budgets (need eval.stream.enabled=true): the final deployable streamed as edgebuild/stream measures it
+    min_fps: float | None = bounded(None, gt=0)  # stream/fps, processed frames per second
+    max_e2e_latency_ms: float | None = bounded(None, gt=0)  # stream/e2e_p90_ms, capture -> result
+    max_energy_mj: float | None = bounded(None, gt=0)  # energy/mj_per_inference (an estimate from spec.power)
+    min_battery_hours: float | None = bounded(None, gt=0)  # battery/hours at the stream's duty cycle (estimate)
 
 
 @dataclass
@@ -235,6 +254,7 @@ class StreamConf:
     depth: int = bounded(2, ge=1)  # ring buffer capacity (frames)
     policy: str = "drop_oldest"  # drop_oldest | block: what a full ring does
     reuse_threshold: float = bounded(0.0, ge=0, le=1)  # frame reuse below this mean abs difference (of 255); 0: off
+    requests: int = bounded(1, ge=1)  # inferences in flight: 1 synchronous, N > 1 async (runtimes with ASYNC)
     seed: int = bounded(0, ge=0)  # of the generated video
     battery_mah: float = bounded(2000.0, gt=0)  # battery life estimate: capacity ...
     battery_volts: float = bounded(3.7, gt=0)  # ... and voltage

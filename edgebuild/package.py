@@ -38,4 +38,14 @@ def write(deployable: Any, metrics: dict[str, Any], out: Path, target: Any, reci
     if extra:
         spec["firmware"] = extra
     (out / "model.json").write_text(json.dumps(spec, indent=2, default=str))
+    copy_runner(out, spec)
     return out
+
+
+def copy_runner(out: Path, spec: dict[str, Any]) -> None:
+    """deploy/stream.py, the standalone stream runner (runtime + numpy + PyAV, no edgebuild), and for a detector
+    deploy/postprocess.py, its decode + NMS in plain numpy."""
+    here = Path(__file__).parent
+    shutil.copy2(here / "stream" / "runner.py", out / "stream.py")
+    if spec.get("task") == "detection":
+        shutil.copy2(here / "detection" / "postprocess.py", out / "postprocess.py")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgebuild.errors import EdgebuildError
-from edgebuild.summary import format_value
+from edgebuild.summary import format_value, stream_rows
 from edgebuild.sweep import pareto_front, parse_objectives
 
 # (metric, header, format, paper header, LaTeX header, scale, decimals) — the paper columns in a paper's units
@@ -272,6 +272,10 @@ class Report:
             if prof:
                 out.append((f"Slowest layers on the runtime, final stage of {b['run_id'][:8]}", prof))
             out += self.sensitivity_rows(b)
+        streamed = stream_rows([(self.label(b), self.final(b)) for b in self.builds])
+        if streamed:
+            out.append(("Stream: the final deployable in a real-time pipeline (energy: estimates unless from rapl)",
+                        streamed))
         if "stages.png" in self.figures:
             out.append(("What each stage changed", "stages.png"))
         out.append(("Environment", self.environment_rows()))

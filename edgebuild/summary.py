@@ -101,6 +101,26 @@ def budget_rows(budget: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+STREAM_COLUMNS = [  # (header, metric, format): the stream's numbers (eval.stream.enabled), summary and report
+    ("offered FPS", "stream/offered_fps", "{:.1f}"), ("processed FPS", "stream/fps", "{:.1f}"),
+    ("dropped", "stream/dropped_frames", "{:.0f}"), ("requests", "stream/requests", "{:.0f}"),
+    ("e2e p50 ms", "stream/e2e_p50_ms", "{:.1f}"), ("e2e p90 ms", "stream/e2e_p90_ms", "{:.1f}"),
+    ("e2e p99 ms", "stream/e2e_p99_ms", "{:.1f}"), ("reused", "stream/reuse_fraction", "{:.0%}"),
+    ("mAP@[.5:.95]", "stream/map_50_95", "{:.3f}"), ("mJ/inference", "energy/mj_per_inference", "{:.2f}"),
+    ("battery h", "battery/hours", "{:.1f}"), ("energy from", "energy/source", "{}"),
+]
+
+
+def stream_rows(items: list[tuple[str, dict[str, Any]]]) -> tuple[list[str], list[list[str]]] | None:
+    """One row per (name, metrics) that streamed; None when none did. Energy: `energy from` rapl (measured
+    here) or model (an estimate from the target's stated powers)."""
+    items = [(n, m) for n, m in items if "stream/fps" in m]
+    if not items:
+        return None
+    cols = [c for c in STREAM_COLUMNS if any(c[1] in m for _, m in items)]
+    return ["", *[c[0] for c in cols]], [[n, *[format_value(m.get(c[1]), c[2]) for c in cols]] for n, m in items]
+
+
 def markdown(summary: dict[str, Any]) -> str:
     def md(header: list[str], rows: list[list[str]]) -> str:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -112,6 +132,10 @@ def markdown(summary: dict[str, Any]) -> str:
     if summary["budget"]["checks"]:
         verdict = "met" if summary["budget"]["ok"] else "VIOLATED"
         out += [f"## Budget: {verdict}", "", md(*budget_rows(summary["budget"])), ""]
+    streamed = stream_rows([(summary["stages"][-1]["name"], summary["stages"][-1]["metrics"])]) \
+        if summary.get("stages") else None
+    if streamed:
+        out += ["## Stream (final deployable; energy: estimates unless `energy from` is rapl)", "", md(*streamed), ""]
     if summary.get("pick"):
         out += [f"## Candidates ({summary['pick']['stage']}): pick {summary['pick']['name']}", "",
                 md(*candidate_rows(summary)), ""]
@@ -177,6 +201,15 @@ def print_summary(summary: dict[str, Any], path: Path) -> None:
         for r in rows:
             bt.add_row(*r, style=None if r[-1] == "ok" else "bold red")
         console.print(bt)
+    streamed = stream_rows([(summary["stages"][-1]["name"], summary["stages"][-1]["metrics"])]) \
+        if summary.get("stages") else None
+    if streamed:
+        st = Table(title="stream · final deployable (energy: estimate unless from rapl)")
+        for h in streamed[0]:
+            st.add_column(h, justify="right")
+        for r in streamed[1]:
+            st.add_row(*r)
+        console.print(st)
     if summary.get("pick"):
         ct = Table(title=f"candidates · {summary['pick']['stage']} · pick {summary['pick']['name']}")
         header, rows = candidate_rows(summary)

@@ -22,15 +22,20 @@ from tests.conftest import ROOT
 
 SMALL = ["data.num_samples=200", "data.image_size=96", "model.kwargs.width=8", "stages.train.epochs=4",
          "stages.train.optimizer.lr=0.01", "data.batch_size=16", "budget.min_map=null", "budget.max_map_drop=null",
-         "stages.quantize=null", "eval.stream.enabled=true", "eval.stream.seconds=1"]
+         "stages.quantize=null", "eval.stream.enabled=true", "eval.stream.seconds=1",
+         "budget.min_fps=100000", "budget.max_e2e_latency_ms=1e9"]  # one stream budget no stream meets, one met
 ACCEPTANCE_KEYS = ["stream/fps", "stream/offered_fps", "stream/dropped_frames", "stream/e2e_p50_ms",
                    "stream/e2e_p90_ms", "energy/mj_per_inference", "battery/hours"]
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
+    from edgebuild.errors import BudgetExceeded
+
     tmp = tmp_path_factory.mktemp("stream")
-    return tmp, testing.build(testing.shrink(tmp) + SMALL, tmp, recipe="ssd_int8")
+    with pytest.raises(BudgetExceeded):  # budget.min_fps: the stream budget fails the build (exit 1)
+        testing.build(testing.shrink(tmp) + SMALL, tmp, recipe="ssd_int8")
+    return tmp, json.loads((tmp / "run" / "summary.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +204,164 @@ def test_eval_stream_options_are_checked_at_plan_time(tmp_path):
         plan(testing.compose(testing.shrink(tmp_path) + ["eval.stream.depth=0"]))
     with pytest.raises(EdgebuildError, match="eval.stream.fps"):
         plan(testing.compose(testing.shrink(tmp_path) + ["eval.stream.fps=0"]))
+
+
+# ------------------------------------------------------------------ budgets, summary, report
+def test_stream_budgets_are_checked_like_the_others(built):
+    from edgebuild.summary import markdown, stream_rows
+
+    _, s = built
+    checks = {c["budget"]: c for c in s["budget"]["checks"]}
+    assert not s["budget"]["ok"]
+    assert checks["min_fps"]["metric"] == "stream/fps" and not checks["min_fps"]["ok"]
+    assert checks["max_e2e_latency_ms"]["metric"] == "stream/e2e_p90_ms" and checks["max_e2e_latency_ms"]["ok"]
+    md = markdown(s)
+    assert "## Stream" in md and "## Budget: VIOLATED" in md and "min_fps" in md
+    header, rows = stream_rows([("final", s["stages"][-1]["metrics"])])
+    assert "processed FPS" in header and "energy from" in header and rows[0][header.index("energy from")] in (
+        "model", "rapl")
+
+
+def test_report_has_a_stream_section(built):
+    from edgebuild.report import Report
+
+    _, s = built
+    build = {"run_id": "0" * 32, "name": "b", "params": {}, "tags": {}, "status": "FINISHED", "metrics": {},
+             "stages": [{**st, "tags": {}, "params": {}} for st in s["stages"]]}
+    sections = dict(Report([build], "t", [("stream/fps", "max")]).sections())
+    assert any(h.startswith("Stream") for h in sections)
+
+
+def test_stream_budget_without_a_stream_and_async_without_the_runtime_are_refused_at_plan_time(tmp_path):
+    from edgebuild.pipeline import plan
+
+    with pytest.raises(EdgebuildError, match="budget.min_fps.*eval.stream.enabled"):
+        plan(testing.compose(testing.shrink(tmp_path) + ["budget.min_fps=10"]))
+    with pytest.raises(EdgebuildError, match="eval.stream.requests=2"):
+        plan(testing.compose(testing.shrink(tmp_path) + ["target=onnxruntime", "eval.stream.requests=2"]))
+    plan(testing.compose(testing.shrink(tmp_path) + ["eval.stream.requests=2", "eval.stream.enabled=true",
+                                                     "budget.min_fps=10"]))  # OpenVINO has them
+
+
+# ------------------------------------------------------------------ async requests
+def test_async_requests_give_the_offline_results_in_order(model):
+    frames = frames_of(model, 16, seed=2)
+    m, result = stream(model, MemorySource(frames), policy="block", requests=2)
+    assert m["stream/requests"] == 2 and m["stream/dropped_frames"] == 0
+    assert [r.index for r in result.records] == list(range(16))
+    for r, f in zip(result.records, frames, strict=True):
+        offline = model.postprocess(model.infer(model.preprocess(f.pixels)), (model.width, model.height))
+        for k in ("boxes", "scores", "labels"):
+            np.testing.assert_array_equal(r.result[k], offline[k])
+    # reuse with async: the reused frames take the result of the last inferred frame before them
+    m, result = stream(model, MemorySource(frames), policy="block", requests=3, reuse_threshold=1.0)
+    assert m["stream/inferences"] == 1 and all(r.result is result.records[0].result for r in result.records)
+
+
+def test_async_requests_on_a_runtime_without_them_is_exit_2(model, built, capsys):
+    from edgebuild.stream.model import StreamModel
+
+    sync_only = StreamModel(model.meta, model.session, model.load_ms, model.options, "a sync runtime", False)
+    with pytest.raises(EdgebuildError, match="asynchronous"):
+        stream(sync_only, MemorySource(frames_of(model, 2)), requests=2)
+    assert main([built[1]["deploy"], "--requests", "0"]) == 2 and "requests" in capsys.readouterr().err
+
+
+def test_cli_compares_async_with_synchronous_inference(built, tmp_path):
+    js = tmp_path / "a.json"
+    assert main([built[1]["deploy"], "--frames", "8", "--policy", "block", "--requests", "2", "--json",
+                 str(js)]) == 0
+    j = json.loads(js.read_text())
+    assert j["stream/requests"] == 2 and j["compare"]["synchronous (1 request)"]["stream/requests"] == 1
+    assert j["stream/processed_frames"] == j["compare"]["synchronous (1 request)"]["stream/processed_frames"] == 8
+
+
+# ------------------------------------------------------------------ energy: RAPL counters or the stated model
+def test_rapl_counters_are_read_from_powercap_with_wraparound(tmp_path):
+    for zone, uj in (("intel-rapl:0", 900), ("intel-rapl:1", 100), ("intel-rapl:0:0", 5)):  # a subzone: not summed
+        (tmp_path / zone).mkdir()
+        (tmp_path / zone / "energy_uj").write_text(f"{uj}\n")
+        (tmp_path / zone / "max_energy_range_uj").write_text("1000\n")
+    meter = energy.Rapl.open(str(tmp_path))
+    assert [z.name for z in meter.zones] == ["intel-rapl:0", "intel-rapl:1"]
+    meter.begin()
+    (tmp_path / "intel-rapl:0" / "energy_uj").write_text("100\n")  # wrapped: 900 -> 1000 -> 100 = 200 uJ
+    (tmp_path / "intel-rapl:1" / "energy_uj").write_text("400\n")  # 300 uJ
+    assert meter.joules() == pytest.approx(500e-6)
+    assert energy.Rapl.open(str(tmp_path / "none")) is None
+    m = {"stream/inferences": 10, "stream/wall_s": 2.0, "stream/busy_ms_per_inference": 20.0}
+    measured = energy.for_stream(m, 2.0, 0.1, 1000, 3.7, rapl_j=1.0)
+    assert measured["energy/source"] == "rapl" and measured["energy/mj_per_inference"] == pytest.approx(100.0)
+    assert measured["energy/avg_power_w"] == pytest.approx(0.5) and measured["battery/hours"] == pytest.approx(7.4)
+    assert measured["energy/model_mj_per_inference"] == pytest.approx(40.0)  # the estimate kept beside it
+    modelled = energy.for_stream(m, 2.0, 0.1, 1000, 3.7, rapl_j=1.0, source="model")
+    assert modelled["energy/source"] == "model" and modelled["energy/mj_per_inference"] == pytest.approx(40.0)
+
+
+# ------------------------------------------------------------------ the runner shipped in deploy/
+def test_standalone_runner_reproduces_the_streams_detections(built, model, tmp_path):
+    from PIL import Image
+
+    deploy = Path(built[1]["deploy"])
+    assert (deploy / "stream.py").is_file() and (deploy / "postprocess.py").is_file()
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for f in frames_of(model, 8, seed=4):
+        Image.fromarray(f.pixels).save(frames / f"f{f.index:03d}.png")
+    _, result = stream(model, FolderSource(frames), policy="block")
+    out = tmp_path / "det.jsonl"
+    # -I: no PYTHONPATH, no user site, no script folder; cwd outside the repository: edgebuild cannot be imported
+    p = subprocess.run([sys.executable, "-I", str(deploy / "stream.py"), str(deploy), "--source", str(frames),
+                        "--out", str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "8 frames processed" in p.stdout
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["index"] for x in lines] == [r.index for r in result.records] == list(range(8))
+    for x, r in zip(lines, result.records, strict=True):
+        np.testing.assert_array_equal(np.asarray(x["labels"]), r.result["labels"])
+        np.testing.assert_allclose(np.asarray(x["boxes"]).reshape(-1, 4), r.result["boxes"], atol=1e-4)
+        np.testing.assert_allclose(np.asarray(x["scores"]), r.result["scores"], atol=1e-5)
+    bad = subprocess.run([sys.executable, "-I", str(deploy / "stream.py"), str(deploy), "--source",
+                          str(tmp_path / "nope.mp4")], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "does not exist" in bad.stderr
+
+
+# ------------------------------------------------------------------ soak and Ctrl-C
+def test_soak_a_few_hundred_frames_keeps_the_ring_bounded_and_leaves_no_threads(model):
+    import threading
+
+    before = {t.ident for t in threading.enumerate()}
+    for requests in (1, 2):
+        # a camera-paced source far faster than inference: the ring stays at its depth, the rest is dropped
+        m, result = stream(model, ShapesVideo(model.width, model.height, seed=5, frames=300), fps=1000.0, depth=3,
+                           requests=requests)
+        assert m["stream/frames"] == 300 and m["stream/processed_frames"] + m["stream/dropped_frames"] == 300
+        assert m["stream/ring_high_water"] <= 3
+        processed = [r.index for r in result.records]
+        assert processed == sorted(processed) and len(set(processed)) == len(processed)
+    left = [t.name for t in threading.enumerate() if t.ident not in before and t.name.startswith("stream-")]
+    assert not left
+
+
+def test_ctrl_c_stops_both_threads_with_a_partial_table_and_no_half_written_file(built, tmp_path):
+    import signal
+
+    js = tmp_path / "out.json"
+    p = subprocess.Popen([sys.executable, "-m", "edgebuild.stream", built[1]["deploy"], "--source", "shapes",
+                          "--fps", "30", "--seconds", "600", "--json", str(js)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin"})
+    try:
+        for line in p.stderr:  # the first result is ready: the stream runs
+            if "first result" in line:
+                break
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    assert "INTERRUPTED" in out and "processed FPS" in out
+    j = json.loads(js.read_text())  # complete JSON (written atomically), marked partial
+    assert j["stream/interrupted"] == 1 and 1 <= j["stream/processed_frames"] < 18000
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["out.json"]  # no temporary file left

@@ -15,16 +15,38 @@ from typing import Any
 
 
 def measure(model: Any, source: Any, cfg: Any, power: tuple[float | None, float | None], battery: tuple[float, float],
-            t_start: float | None = None, annotate: Any = None) -> tuple[dict[str, Any], Any]:
-    """Stream once; return (metrics: stream/*, quality, energy/* and battery/* estimates, result)."""
+            t_start: float | None = None, annotate: Any = None, energy_source: str = "auto",
+            on_result: Any = None) -> tuple[dict[str, Any], Any]:
+    """Stream once; return (metrics: stream/*, quality, energy/* and battery/* (estimates from `power`, or
+    measured by RAPL where readable and `energy_source` is auto|rapl; `energy/source` says which), result)."""
     from edgebuild.stream import energy, pipeline, quality
 
-    result = pipeline.run(model, source, cfg, t_start, sink=annotate)
+    meter = energy.Rapl.open() if energy_source != "model" else None
+    if energy_source == "rapl" and meter is None:
+        from edgebuild.errors import EdgebuildError
+
+        raise EdgebuildError("energy source rapl: this machine has no readable RAPL counters "
+                             f"({energy.RAPL_ROOT}/intel-rapl:*/energy_uj)", "use --energy auto or model (the "
+                             "stated powers of the target spec), or run where powercap is readable (root)")
+    if meter is not None:
+        meter.begin()
+    try:
+        result = pipeline.run(model, source, cfg, t_start, sink=annotate, on_result=on_result)
+        interrupted = False
+    except pipeline.Interrupted as e:  # Ctrl-C: the frames processed so far, then re-raised with their metrics
+        if e.result is None:
+            if annotate is not None:
+                annotate.close()
+            raise
+        result, interrupted = e.result, True
     metrics = dict(result.metrics)
     if annotate is not None:
         metrics["stream/annotated_frames"] = annotate.close()
     metrics.update(quality.stream_quality(result, model, source))
-    metrics.update(energy.for_stream(metrics, power[0], power[1], *battery))
+    metrics.update(energy.for_stream(metrics, power[0], power[1], *battery,
+                                     rapl_j=meter.joules() if meter is not None else None, source=energy_source))
+    if interrupted:
+        raise pipeline.Interrupted(result, metrics)
     return metrics, result
 
 
@@ -47,7 +69,7 @@ def maybe_run(deployable: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
     source = ShapesVideo(model.width, model.height, num_classes=len(model.class_names or []) or 3, seed=c.seed,
                          frames=frames)
     cfg = StreamConfig(fps=float(c.fps), frames=frames, depth=int(c.depth), policy=str(c.policy),
-                       reuse_threshold=float(c.reuse_threshold))
+                       reuse_threshold=float(c.reuse_threshold), requests=int(c.requests))
     power = OmegaConf.to_container(ctx.target.cfg.spec.power, resolve=True)
     precision = energy.precision_key(model.session.runtime_info().get("runtime/precision"))
     active, idle, _ = energy.device_powers(power, precision)
@@ -56,7 +78,12 @@ def maybe_run(deployable: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
     notes = [f"stream: {source.describe()} at {c.fps:g} FPS offered, {metrics['stream/fps']:.1f} processed, "
              f"{metrics['stream/dropped_frames']} dropped ({c.policy}, ring {c.depth}), e2e p50 "
              f"{metrics['stream/e2e_p50_ms']:.1f} ms"] + result.notes
-    if "energy/mj_per_inference" in metrics:
+    if metrics.get("energy/source") == "rapl":
+        notes.append(f"stream energy MEASURED by RAPL on this machine's CPU packages: "
+                     f"{metrics['energy/mj_per_inference']:.2f} mJ/inference, battery {metrics['battery/hours']:.1f} h "
+                     f"(estimate from spec.power: {metrics.get('energy/model_mj_per_inference', float('nan')):.2f} "
+                     "mJ/inference)")
+    elif "energy/mj_per_inference" in metrics:
         notes.append(f"stream energy (estimate from spec.power, {precision}): "
                      f"{metrics['energy/mj_per_inference']:.2f} mJ/inference, battery {metrics['battery/hours']:.1f} h")
     return metrics, notes

@@ -1,6 +1,7 @@
 """`python -m edgebuild.stream DEPLOY_DIR [--source shapes|VIDEO|FOLDER|/dev/videoN] [--fps 30] [--seconds 10]`:
 stream a build's deployable and print one table (also `--json OUT.json`, the same names as the build's
-`stream/*`, `energy/*`, `battery/*` metrics). Exit 0; 2 for bad input (one message, no traceback); 130 on Ctrl-C.
+`stream/*`, `energy/*`, `battery/*` metrics). Exit 0; 2 for bad input (one message, no traceback); 130 on Ctrl-C
+(both threads stopped; the table, and --json marked `stream/interrupted`, cover the frames processed until then).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=2, help="ring buffer capacity in frames (default 2)")
     p.add_argument("--policy", choices=["drop_oldest", "block"], default="drop_oldest",
                    help="a full ring: drop the oldest waiting frame (default), or block the capture")
+    p.add_argument("--requests", type=int, default=1, help="inferences in flight: 1 synchronous (default); N > 1 "
+                   "the runtime's asynchronous requests (OpenVINO AsyncInferQueue), compared in the table with a "
+                   "synchronous stream of the same frames")
     p.add_argument("--reuse-threshold", type=float, default=0.0, help="reuse the last result for frames whose mean "
                    "absolute difference from the last inferred frame is below this fraction of 255 (0: off)")
     p.add_argument("--size", default=None, help="WxH of the generated video (default: the model's input size)")
@@ -43,6 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write the metrics as JSON")
     p.add_argument("--active-watts", type=float, default=None, help="device power busy (default: target spec.power)")
     p.add_argument("--idle-watts", type=float, default=None, help="device power idle (default: target spec.power)")
+    p.add_argument("--energy", choices=["auto", "rapl", "model"], default="auto", help="energy figures: measured "
+                   "by the Linux RAPL counters where readable, else the stated power model (auto, default); rapl "
+                   "only (exit 2 where unreadable); model only (the target spec's powers)")
     p.add_argument("--battery-mah", type=float, default=2000.0, help="battery capacity for battery/hours (2000)")
     p.add_argument("--battery-volts", type=float, default=3.7, help="battery voltage (3.7)")
     return p.parse_args(argv)
@@ -58,7 +65,7 @@ def check_args(a: argparse.Namespace) -> tuple[int, int] | None:
     if a.frames is None and not (math.isfinite(a.seconds) and a.seconds > 0):
         raise EdgebuildError(f"--seconds {a.seconds:g} must be positive", "give --seconds > 0, or --frames N")
     StreamConfig(fps=a.fps, frames=frames_of(a), depth=a.depth, policy=a.policy,
-                 reuse_threshold=a.reuse_threshold).check()
+                 reuse_threshold=a.reuse_threshold, requests=a.requests).check()
     for flag in ("active_watts", "idle_watts"):
         v = getattr(a, flag)
         if v is not None and not (math.isfinite(v) and v >= 0):
@@ -84,6 +91,7 @@ ROWS = [  # (label, metric, format)
     ("offered FPS", "stream/offered_fps", "{:.1f}"), ("captured FPS", "stream/captured_fps", "{:.1f}"),
     ("processed FPS", "stream/fps", "{:.1f}"), ("frames captured", "stream/frames", "{}"),
     ("frames processed", "stream/processed_frames", "{}"), ("dropped frames", "stream/dropped_frames", "{}"),
+    ("inference requests in flight", "stream/requests", "{}"),
     ("inferences / reused", None, None),
     ("e2e latency p50 / p90 / p99 (ms)", None, None),
     ("time shares decode / pre / infer / post", None, None),
@@ -93,9 +101,11 @@ ROWS = [  # (label, metric, format)
     ("time to first result (ms)", "stream/first_result_ms", "{:.1f}"),
     ("mAP@0.5 / mAP@[.5:.95] / recall (vs exact boxes)", None, None),
     ("mAP@[.5:.95] every frame inferred / reuse cost (points)", None, None),
-    ("energy per inference (mJ, estimate)", "energy/mj_per_inference", "{:.3f}"),
-    ("busy fraction / average power (W, estimate)", None, None),
-    ("battery life (h, estimate)", "battery/hours", "{:.1f}"),
+    ("energy source (rapl: measured here; model: estimate)", "energy/source", "{}"),
+    ("energy per inference (mJ)", "energy/mj_per_inference", "{:.3f}"),
+    ("busy fraction / average power (W)", None, None),
+    ("battery life (h)", "battery/hours", "{:.1f}"),
+    ("model estimate: mJ / inference; battery (h)", None, None),
 ]
 
 
@@ -116,8 +126,11 @@ def rows(m: dict[str, Any]) -> list[tuple[str, str]]:
             "stream/map_50", "stream/map_50_95", "stream/recall_100")),
         "mAP@[.5:.95] every frame inferred / reuse cost (points)": f"{f('stream/map_50_95_every_frame', '{:.3f}')} / "
                                                                    f"{f('stream/reuse_map_cost', '{:+.2f}')}",
-        "busy fraction / average power (W, estimate)": f"{f('energy/busy_fraction', '{:.1%}')} / "
-                                                       f"{f('energy/avg_power_w', '{:.3f}')}",
+        "busy fraction / average power (W)": f"{f('energy/busy_fraction', '{:.1%}')} / "
+                                             f"{f('energy/avg_power_w', '{:.3f}')}",
+        "model estimate: mJ / inference; battery (h)": (f"{f('energy/model_mj_per_inference', '{:.3f}')}; "
+                                                        f"{f('battery/model_hours')}")
+        if m.get("energy/source") == "rapl" else "-",
     }
     out = []
     for label, key, fmt in ROWS:
@@ -127,15 +140,21 @@ def rows(m: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
-def print_table(m: dict[str, Any], title: str, notes: list[str]) -> None:
+def print_table(m: dict[str, Any], title: str, notes: list[str], compare: dict[str, dict[str, Any]] | None = None,
+                main_name: str = "value") -> None:
+    """One table; `compare` {column name: metrics} adds columns (e.g. the synchronous stream beside async)."""
     from rich.console import Console
     from rich.table import Table
 
+    compare = compare or {}
     t = Table(title=title, title_justify="left")
     t.add_column("stream")
-    t.add_column("value", justify="right")
+    t.add_column(main_name, justify="right")
+    for name in compare:
+        t.add_column(name, justify="right")
+    others = [dict(rows(c)) for c in compare.values()]
     for label, value in rows(m):
-        t.add_row(label, value)
+        t.add_row(label, value, *(o.get(label, "-") for o in others))
     console = Console()
     console.print(t)
     for n in notes:
@@ -149,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         from edgebuild.stream import energy, measure
         from edgebuild.stream.annotate import Annotator
         from edgebuild.stream.model import from_deploy_dir
-        from edgebuild.stream.pipeline import StreamConfig
+        from edgebuild.stream.pipeline import Interrupted, StreamConfig
         from edgebuild.stream.sources import open_source
 
         if a.json and not Path(a.json).expanduser().parent.is_dir():
@@ -169,20 +188,50 @@ def main(argv: list[str] | None = None) -> int:
         if a.idle_watts is not None:
             idle = a.idle_watts
         annotate = Annotator(Path(a.annotate).expanduser(), a.fps, model.class_names) if a.annotate else None
-        cfg = StreamConfig(fps=a.fps, frames=frames, depth=a.depth, policy=a.policy, reuse_threshold=a.reuse_threshold)
+        cfg = StreamConfig(fps=a.fps, frames=frames, depth=a.depth, policy=a.policy, reuse_threshold=a.reuse_threshold,
+                           requests=a.requests)
+        if a.requests > 1 and not model.async_capable:  # before anything streams
+            raise EdgebuildError(f"--requests {a.requests} asks for asynchronous inference, which {model.describe} "
+                                 "does not offer", "give --requests 1, or a deployable on a runtime with "
+                                 "asynchronous requests (OpenVINO)")
+        compare: dict[str, dict[str, Any]] = {}
+        interrupted = False
         try:
-            metrics, result = measure(model, source, cfg, (active, idle), (a.battery_mah, a.battery_volts), t_start,
-                                      annotate)
+            try:
+                metrics, result = measure(model, source, cfg, (active, idle), (a.battery_mah, a.battery_volts),
+                                          t_start, annotate, a.energy, first_result_line(t_start))
+            except Interrupted as e:
+                if e.result is None:
+                    raise
+                metrics, result, interrupted = e.metrics, e.result, True
+            if a.requests > 1 and not interrupted:  # the same frames synchronously: the comparison column
+                sync_source = open_source(a.source, w, h, frames, seed=a.seed,
+                                          num_classes=len(model.class_names or []) or 3)
+                try:
+                    compare["synchronous (1 request)"], _ = measure(
+                        model, sync_source, StreamConfig(**{**vars(cfg), "requests": 1}), (active, idle),
+                        (a.battery_mah, a.battery_volts), energy_source=a.energy)
+                except Interrupted as e:
+                    if e.metrics:
+                        compare["synchronous (1 request), interrupted"] = e.metrics
+                    interrupted = True
+                finally:
+                    sync_source.close()
         finally:
             source.close()
     except EdgebuildError as e:
         print(f"edgebuild.stream: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("\nedgebuild.stream: interrupted; both threads stopped", file=sys.stderr)
+        print("\nedgebuild.stream: interrupted before any frame was processed; both threads stopped",
+              file=sys.stderr)
         return 130
     notes = list(result.notes)
-    if "energy/mj_per_inference" in metrics:
+    if metrics.get("energy/source") == "rapl":
+        notes.append(f"energy: MEASURED by RAPL on this machine's CPU packages ({metrics['energy/rapl_j']:.2f} J over "
+                     f"{metrics['stream/wall_s']:.1f} s, everything running on them included); the model estimate "
+                     "from the stated powers is the energy/model_* row")
+    elif "energy/mj_per_inference" in metrics:
         notes.append(f"energy: ESTIMATES from stated powers ({active:g} W active, {idle or 0:g} W idle, {precision}; "
                      f"{where or 'no source given'}) x the busy time measured here; formulas in "
                      "edgebuild/stream/energy.py")
@@ -191,12 +240,41 @@ def main(argv: list[str] | None = None) -> int:
     if a.annotate:
         notes.append(f"annotated video: {a.annotate} ({metrics['stream/annotated_frames']} processed frames)")
     title = (f"{model.describe} | {source.describe()} | {a.fps:g} FPS offered, ring {a.depth}, {a.policy}"
-             + (f", reuse < {a.reuse_threshold:g}" if a.reuse_threshold else ""))
-    print_table(metrics, title, notes)
+             + (f", reuse < {a.reuse_threshold:g}" if a.reuse_threshold else "")
+             + (" | INTERRUPTED (Ctrl-C): partial" if interrupted else ""))
+    print_table(metrics, title, notes, compare, f"{a.requests} requests (async)" if a.requests > 1 else "value")
     if a.json:
-        Path(a.json).expanduser().write_text(json.dumps({**metrics, "stream/source": source.describe(),
-                                                         "stream/policy": a.policy, "notes": notes}, indent=2))
+        out = {**metrics, "stream/source": source.describe(), "stream/policy": a.policy, "notes": notes,
+               **({"compare": compare} if compare else {})}
+        write_atomic(Path(a.json).expanduser(), json.dumps(out, indent=2))
+    if interrupted:
+        print("edgebuild.stream: interrupted; both threads stopped (the table covers the frames processed)",
+              file=sys.stderr)
+        return 130
     return 0
+
+
+def first_result_line(t_start: float) -> Any:
+    """An on_result hook: one stderr line when the first result is ready (the stream runs; Ctrl-C stops it)."""
+    said = []
+
+    def hook(record: Any) -> None:
+        if not said:
+            said.append(1)
+            print(f"edgebuild.stream: first result {(record.t_done - t_start) * 1000:.0f} ms after start; streaming "
+                  "(Ctrl-C stops it with a partial table)", file=sys.stderr, flush=True)
+
+    return hook
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Written beside `path` and renamed over it: a reader (or a Ctrl-C) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

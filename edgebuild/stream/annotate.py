@@ -4,6 +4,7 @@ CPU beside the stream: time a stream without it when the numbers matter."""
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from pathlib import Path
@@ -40,7 +41,9 @@ class Annotator:
             raise EdgebuildError(f"--annotate {path}: folder {self.path.parent} does not exist",
                                  "create the folder or give another path for the annotated video")
         self.frames = 0
-        self.queue: queue.Queue[Any] = queue.Queue()
+        # written beside the final name and renamed by close(): never a half-written video at `path`
+        self.partial = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix or '.mp4'}")
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=8)  # bounded: a slow encoder slows the stream
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._write, name="stream-annotate", daemon=True)
         self.thread.start()
@@ -58,7 +61,7 @@ class Annotator:
 
         try:
             item: Any = ()
-            with av.open(str(self.path), "w") as out:
+            with av.open(str(self.partial), "w") as out:
                 stream = None
                 while (item := self.queue.get()) is not None:
                     img = draw(item[0], item[1], self.class_names)
@@ -79,6 +82,7 @@ class Annotator:
             self.error = e
             while item is not None:  # drain, so the producer's puts and close() never wait on a dead writer
                 item = self.queue.get()
+            self.partial.unlink(missing_ok=True)
 
     def close(self) -> int:
         self.queue.put(None)
@@ -86,4 +90,6 @@ class Annotator:
         if self.error is not None:
             raise EdgebuildError(f"--annotate {self.path}: cannot write the video ({self.error})",
                                  "give a writable .mp4 path") from None
+        if self.partial.exists():
+            os.replace(self.partial, self.path)
         return self.frames

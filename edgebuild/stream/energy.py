@@ -13,11 +13,26 @@ For a stream that runs `r` inferences per second, each keeping the device busy `
 Example (tests/test_stream.py checks it): t = 20 ms, r = 10/s, P_active = 2 W, P_idle = 0.1 W, 1000 mAh at 3.7 V:
 D = 0.2, E = 40 mJ, P = 0.2 * 2 + 0.8 * 0.1 = 0.48 W, h = 3.7 / 0.48 = 7.71 h.
 A microcontroller's spec gives currents at a supply voltage instead: P = mA / 1000 * V.
+
+Measured where possible: on Linux with readable RAPL counters (/sys/class/powercap/intel-rapl:N/energy_uj, one
+per CPU package; often root-only), `Rapl` reads them before and after the stream. Then (`source` auto or rapl)
+the headline figures are measured on THIS machine's CPU packages, everything running on them included:
+
+    energy/inference   E = sum of package energy deltas / inferences
+    average power      P = sum of deltas / wall seconds          battery life as above, with this P
+
+and the spec's estimates stay beside them as energy/model_*. `energy/source` says which the headline is:
+"rapl" (measured here) or "model" (estimated from the stated powers).
 """
 
 from __future__ import annotations
 
+import glob
+import os
+from pathlib import Path
 from typing import Any
+
+RAPL_ROOT = "/sys/class/powercap"
 
 
 def precision_key(runtime_precision: Any) -> str:
@@ -61,11 +76,60 @@ def estimate(busy_s: float, inferences_per_s: float, active_w: float, idle_w: fl
             "battery/mah": battery_mah, "battery/volts": battery_v, "energy/estimated": 1.0}
 
 
+class Rapl:
+    """The machine's RAPL package counters (microjoules, wrapping at max_energy_range_uj); `open` gives None
+    where there are none or they cannot be read (no powercap, not Linux, root-only files)."""
+
+    def __init__(self, zones: list[Path]):
+        self.zones = zones
+        self.ranges = [int((z / "max_energy_range_uj").read_text()) if (z / "max_energy_range_uj").exists()
+                       else 2**32 for z in zones]
+        self.start: list[int] = []
+
+    @classmethod
+    def open(cls, root: str = RAPL_ROOT) -> Rapl | None:
+        # top-level package zones only (intel-rapl:0, intel-rapl:1): their subzones (intel-rapl:0:0 core, dram)
+        # are parts of them and would count twice
+        zones = sorted(Path(p) for p in glob.glob(os.path.join(root, "intel-rapl:*"))
+                       if Path(p).name.count(":") == 1 and (Path(p) / "energy_uj").exists())
+        try:
+            meter = cls(zones) if zones else None
+            if meter is not None:
+                meter.read()
+            return meter
+        except (OSError, ValueError):  # e.g. PermissionError: energy_uj is root-only on recent kernels
+            return None
+
+    def read(self) -> list[int]:
+        return [int((z / "energy_uj").read_text()) for z in self.zones]
+
+    def begin(self) -> None:
+        self.start = self.read()
+
+    def joules(self) -> float:
+        """Energy of all packages since `begin`, one wrap per counter allowed."""
+        total = 0
+        for a, b, wrap in zip(self.start, self.read(), self.ranges, strict=True):
+            total += b - a if b >= a else b + wrap - a
+        return total / 1e6
+
+
 def for_stream(metrics: dict[str, Any], active_w: float | None, idle_w: float | None, battery_mah: float,
-               battery_v: float) -> dict[str, float]:
-    """`estimate` from a stream's metrics (busy ms per inference, inferences per second of wall time)."""
-    if active_w is None:
-        return {}
-    rate = metrics["stream/inferences"] / metrics["stream/wall_s"]
-    return estimate(metrics["stream/busy_ms_per_inference"] / 1000.0, rate, float(active_w), float(idle_w or 0.0),
-                    battery_mah, battery_v)
+               battery_v: float, rapl_j: float | None = None, source: str = "auto") -> dict[str, Any]:
+    """`estimate` from a stream's metrics (busy ms per inference, inferences per second of wall time); with
+    `rapl_j` (measured over the stream) and `source` auto|rapl the headline figures are the measured ones."""
+    out: dict[str, Any] = {}
+    if active_w is not None:
+        rate = metrics["stream/inferences"] / metrics["stream/wall_s"]
+        out = estimate(metrics["stream/busy_ms_per_inference"] / 1000.0, rate, float(active_w), float(idle_w or 0.0),
+                       battery_mah, battery_v)
+        out["energy/source"] = "model"
+        for k in ("energy/mj_per_inference", "energy/avg_power_w", "battery/hours"):
+            out[k.replace("/", "/model_", 1)] = out[k]
+    if rapl_j is not None and source in ("auto", "rapl"):
+        avg = rapl_j / metrics["stream/wall_s"]
+        out.update({"energy/rapl_j": rapl_j, "energy/mj_per_inference": rapl_j * 1000.0 / max(
+            1, metrics["stream/inferences"]), "energy/avg_power_w": avg, "energy/rapl_avg_power_w": avg,
+            "battery/hours": battery_mah / 1000.0 * battery_v / avg if avg > 0 else float("inf"),
+            "battery/mah": battery_mah, "battery/volts": battery_v, "energy/estimated": 0.0, "energy/source": "rapl"})
+    return out

@@ -16,12 +16,14 @@ from typing import Any
 import numpy as np
 
 from edgebuild.errors import EdgebuildError
+from edgebuild.targets.base import ASYNC
 
 
 class StreamModel:
     def __init__(self, meta: dict[str, Any], session: Any, load_ms: float, postprocess_options: dict[str, Any] | None,
-                 describe: str):
+                 describe: str, async_capable: bool = False):
         self.meta, self.session, self.load_ms, self.describe = meta, session, load_ms, describe
+        self.async_capable = async_capable  # the runtime offers asynchronous requests (targets.base.ASYNC)
         _, self.channels, self.height, self.width = meta["input_shape"]
         scale = float(meta.get("scale") or 255.0)
         mean = np.asarray(meta.get("mean") or [0.0], np.float32).reshape(-1, 1, 1)
@@ -122,7 +124,7 @@ def from_deploy_dir(path: str | Path) -> tuple[StreamModel, Any]:
     session = target.runtime.load(artifact, target.device, 1)
     load_ms = (time.perf_counter() - t0) * 1000.0
     return StreamModel(artifact.meta, session, load_ms, options, f"{spec['format']} on {target.runtime.name} "
-                       f"{target.device}"), target
+                       f"{target.device}", target.runtime.supports(ASYNC)), target
 
 
 def for_build(deployable: Any, ctx: Any) -> StreamModel:
@@ -132,4 +134,5 @@ def for_build(deployable: Any, ctx: Any) -> StreamModel:
     session = load(deployable, ctx, 1)
     options = ctx.task.postprocess_options() if deployable.meta.get("task") == "detection" else None
     return StreamModel(deployable.meta, session, session.load_ms, options,
-                       f"{deployable.kind} on {ctx.target.runtime.name} {ctx.target.device}")
+                       f"{deployable.kind} on {ctx.target.runtime.name} {ctx.target.device}",
+                       ctx.target.runtime.supports(ASYNC))

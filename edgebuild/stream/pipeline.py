@@ -8,6 +8,11 @@ inference thread take the oldest waiting frame: preprocess (model.json), infer (
                  postprocess (the task's); the result is ready at t_done; e2e latency = t_done - t_capture
                  (decode, waiting in the ring and all the model's work included)
 
+Asynchronous requests (`requests` N > 1, runtimes with the ASYNC capability, e.g. OpenVINO's AsyncInferQueue):
+the inference thread preprocesses and starts a frame's inference without waiting for it, up to N in flight;
+results are postprocessed in capture order as each completes (the oldest first). A frame's inference time is
+then start -> outputs ready, so the stage times of overlapped frames overlap (their shares still sum to 1).
+
 Frame reuse (`reuse_threshold` T > 0): before preprocessing, the frame is compared with the last frame that was
 inferred (mean absolute difference of 1/8-downsampled pixels, as a fraction of 255); below T the last result is
 reused and the model is not run.
@@ -43,6 +48,7 @@ class StreamConfig:
     depth: int = 2  # ring buffer capacity, frames
     policy: str = "drop_oldest"
     reuse_threshold: float = 0.0  # 0: infer every frame
+    requests: int = 1  # inferences in flight at once: 1 synchronous; N > 1 the runtime's async requests (ASYNC)
 
     def check(self) -> None:
         if not (isinstance(self.fps, (int, float)) and math.isfinite(self.fps) and self.fps > 0):
@@ -56,6 +62,9 @@ class StreamConfig:
                                  "give --depth >= 1 (2-4 is typical: small keeps latency low)")
         if self.policy not in POLICIES:
             raise EdgebuildError(f"unknown drop policy {self.policy!r}", f"use one of: {', '.join(POLICIES)}")
+        if not (isinstance(self.requests, int) and self.requests >= 1):
+            raise EdgebuildError(f"stream requests {self.requests}: at least one inference request is needed",
+                                 "give --requests 1 (synchronous) or N > 1 (asynchronous, where the runtime has it)")
         if not 0 <= self.reuse_threshold <= 1:
             raise EdgebuildError(f"reuse threshold {self.reuse_threshold} is outside 0..1 (a fraction of full scale)",
                                  "give a small fraction, e.g. 0.02, or 0 to infer every frame")
@@ -136,13 +145,24 @@ class StreamResult:
     notes: list[str] = field(default_factory=list)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a stream: both threads stopped; `result` summarizes the frames processed until then (None
+    when there were none), `metrics` is filled in by `edgebuild.stream.measure`."""
+
+    def __init__(self, result: StreamResult | None, metrics: dict[str, Any] | None = None):
+        super().__init__()
+        self.result, self.metrics = result, metrics
+
+
 def _small(pixels: np.ndarray) -> np.ndarray:
     return pixels[::REUSE_STRIDE, ::REUSE_STRIDE].astype(np.float32)
 
 
-def run(model: Any, source: Any, cfg: StreamConfig, t_start: float | None = None, sink: Any = None) -> StreamResult:
+def run(model: Any, source: Any, cfg: StreamConfig, t_start: float | None = None, sink: Any = None,
+        on_result: Any = None) -> StreamResult:
     """Stream `source` through `model` (a StreamModel) with `cfg`; `t_start` (perf_counter, before the model was
-    loaded) dates the time to first result; `sink.put(pixels, result)` receives every processed frame (annotation)."""
+    loaded) dates the time to first result; `sink.put(pixels, result)` receives every processed frame (annotation);
+    `on_result(record)` is called (inference thread) after each processed frame (the CLI's progress line)."""
     cfg.check()
     ring = Ring(cfg.depth, cfg.policy)
     stop = threading.Event()
@@ -211,13 +231,81 @@ def run(model: Any, source: Any, cfg: StreamConfig, t_start: float | None = None
                                       size))
                 if sink is not None:
                     sink.put(pixels, result)
+                if on_result is not None:
+                    on_result(records[-1])
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
             errors.append(e)
             stop.set()
             ring.abort()
 
+    def infer_async() -> None:
+        """N requests in flight: start each frame's inference, postprocess the oldest when N are busy."""
+        queue = model.session.async_requests(cfg.requests)
+        pending: deque[tuple[Item, float, float, Any, bool]] = deque()  # item, t0, t_pre, job | None (reused)
+        last_small, last_result = None, None
+
+        def finish() -> None:
+            nonlocal last_result
+            item, t0, t1, job, reused = pending.popleft()
+            pixels = item.frame.pixels
+            size = (pixels.shape[1], pixels.shape[0])
+            if reused:  # the result of the last inferred frame before it: finished already (in order)
+                result = last_result
+                t0 = t1 = t2 = time.perf_counter()
+            else:
+                outputs = job.wait()
+                t2 = time.perf_counter()
+                result = model.postprocess(outputs, size)
+                last_result = result
+            t3 = time.perf_counter()
+            times = {"decode": item.decode_s, "preprocess": t1 - t0, "inference": t2 - t1, "postprocess": t3 - t2}
+            records.append(Record(item.frame.index, item.t_capture, t3, times, reused, result, item.frame.truth,
+                                  size))
+            if sink is not None:
+                sink.put(pixels, result)
+            if on_result is not None:
+                on_result(records[-1])
+
+        try:
+            while True:
+                item = ring.get()
+                if item is None:
+                    break
+                pixels = item.frame.pixels
+                t0 = time.perf_counter()
+                reused = False
+                if cfg.reuse_threshold > 0:
+                    small = _small(pixels)
+                    reused = last_small is not None and small.shape == last_small.shape and \
+                        float(np.abs(small - last_small).mean()) / 255.0 < cfg.reuse_threshold
+                if reused:
+                    pending.append((item, t0, t0, None, True))
+                else:
+                    x = model.preprocess(pixels)
+                    t1 = time.perf_counter()
+                    pending.append((item, t0, t1, queue.start(x), False))
+                    if cfg.reuse_threshold > 0:
+                        last_small = small
+                while sum(not p[4] for p in pending) >= cfg.requests or (pending and pending[0][4]):
+                    finish()
+                if stop.is_set():
+                    break
+            while pending and not stop.is_set():
+                finish()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            errors.append(e)
+            stop.set()
+            ring.abort()
+        finally:
+            queue.close()
+
+    if cfg.requests > 1 and not getattr(model, "async_capable", False):
+        raise EdgebuildError(f"requests: {cfg.requests} asks for asynchronous inference, which {model.describe} "
+                             "does not offer", "give --requests 1 (synchronous), or a runtime with asynchronous "
+                             "requests (OpenVINO)")
     threads = [threading.Thread(target=capture, name="stream-capture", daemon=True),
-               threading.Thread(target=infer, name="stream-inference", daemon=True)]
+               threading.Thread(target=infer if cfg.requests == 1 else infer_async, name="stream-inference",
+                                daemon=True)]
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for t in threads:
         t.start()
@@ -230,7 +318,13 @@ def run(model: Any, source: Any, cfg: StreamConfig, t_start: float | None = None
         ring.abort()
         for t in threads:
             t.join(5)
-        raise
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        if not records or not captures:
+            raise Interrupted(None) from None
+        partial = summarize(list(records), ring, list(captures), cfg, cpu, wall, t_start, model)
+        partial["stream/interrupted"] = 1
+        raise Interrupted(StreamResult(partial, list(records), list(ring.dropped), ["interrupted (Ctrl-C): the "
+                          "numbers cover the frames processed until then"])) from None
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     if errors:
         raise errors[0]
@@ -275,6 +369,7 @@ def summarize(records: list[Record], ring: Ring, captures: list[float], cfg: Str
         "stream/cpu_util_machine": cpu / wall / (os.cpu_count() or 1),
         "stream/wall_s": wall,
         "stream/ring_depth": cfg.depth,
+        "stream/requests": cfg.requests,
         "stream/ring_high_water": ring.high_water,
         "stream/load_ms": float(model.load_ms),
     }

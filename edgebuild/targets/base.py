@@ -24,6 +24,7 @@ Lifecycle as the pipeline drives it::
     run = s.bind(x); run()                             # what evaluate's timing loop calls (no per-call copies)
     s.runtime_info()                                   # what really ran: RUNTIME_INFO keys
     s.float_layers()                                   # compute layers that did not run INT8
+    q = s.async_requests(2); p = q.start(x); p.wait()  # ASYNC only: overlapped requests (the stream)
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ WEIGHTS_FP16 = "weights.fp16"  # Runtime.compress_weights(weights="fp16")
 WEIGHTS_INT8 = "weights.int8"  # Runtime.compress_weights(weights="int8"), data-free weight-only INT8
 EXPORT = "export"  # Runtime.export: write this format from a torch model (the export stage)
 PROFILE = "profile"  # Runtime.profile: per-layer times
+ASYNC = "async"  # Session.async_requests: N inferences in flight at once (the stream's `requests: N`)
 
 # Keys `Session.runtime_info()` may return (any subset beyond the first; the pipeline records them all).
 RUNTIME_INFO = {
@@ -164,6 +166,30 @@ class Session:
         """Tables of what the runtime compiled (e.g. a per-operator CSV), written into `folder`: the stage's
         report files and MLflow artifacts, {name: path}. Default: none."""
         return {}
+
+    def async_requests(self, n: int) -> AsyncRequests:
+        """ASYNC: `n` infer requests that run overlapped (e.g. OpenVINO's AsyncInferQueue)."""
+        raise NotImplementedError
+
+
+class Pending:
+    """One inference started by `AsyncRequests.start`; `wait()` returns its outputs (copies, like infer)."""
+
+    def wait(self) -> list[np.ndarray]:
+        raise NotImplementedError
+
+
+class AsyncRequests:
+    """`n` requests of one session. `start(x)` returns at once while a request is free, otherwise blocks until
+    one is; the results are read in any order with `Pending.wait()`. `close()` waits for every started one."""
+
+    n: int = 1
+
+    def start(self, x: np.ndarray) -> Pending:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
 
 
 # ---------------------------------------------------------------------------- runtime

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,8 @@ class OpenVINORuntime(Runtime):
     suffixes = (".xml", ".bin")
     aliases = ("openvino IR",)  # the model.json format name of older deploy folders
     capabilities = frozenset({base.QUANTIZE, base.QUANTIZE_ACCURACY_CONTROL, base.QUANTIZE_BIAS_CORRECTION,
-                              base.QUANTIZE_MODEL_TYPE, base.QUANTIZE_SENSITIVITY, base.QAT, base.WEIGHTS_FP16, base.WEIGHTS_INT8, base.EXPORT,
-                              base.PROFILE})
+                              base.QUANTIZE_MODEL_TYPE, base.QUANTIZE_SENSITIVITY, base.QAT, base.WEIGHTS_FP16,
+                              base.WEIGHTS_INT8, base.EXPORT, base.PROFILE, base.ASYNC})
     precisions = tuple(PRECISION_HINTS)
     packages = ("openvino", "nncf")
     calibration_methods = tuple(RANGE_ESTIMATORS)
@@ -313,6 +314,49 @@ class OpenVINOSession(Session):
 
     def float_layers(self) -> list[str]:
         return [name for name, p in self._compute_ops() if p not in ("u8", "i8")]
+
+    def async_requests(self, n: int) -> OpenVINOAsync:
+        return OpenVINOAsync(self.compiled, n)
+
+
+class OpenVINOPending(base.Pending):
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.outputs: list[np.ndarray] = []
+        self.error: BaseException | None = None
+
+    def wait(self) -> list[np.ndarray]:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.outputs
+
+
+class OpenVINOAsync(base.AsyncRequests):
+    """OpenVINO's AsyncInferQueue: `n` infer requests; the completion callback (an OpenVINO thread) copies the
+    outputs out before the request is reused."""
+
+    def __init__(self, compiled: Any, n: int):
+        import openvino as ov
+
+        self.n, self.count = n, len(compiled.outputs)
+        self.queue = ov.AsyncInferQueue(compiled, n)
+        self.queue.set_callback(self._done)
+
+    def _done(self, request: Any, job: OpenVINOPending) -> None:
+        try:
+            job.outputs = [request.get_output_tensor(i).data.copy() for i in range(self.count)]
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            job.error = e
+        job.done.set()
+
+    def start(self, x: np.ndarray) -> OpenVINOPending:
+        job = OpenVINOPending()
+        self.queue.start_async({0: x}, job)  # blocks while all n requests are busy; copies the input
+        return job
+
+    def close(self) -> None:
+        self.queue.wait_all()
 
 
 def is_quantized(model: Any) -> bool:

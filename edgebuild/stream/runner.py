@@ -1,0 +1,238 @@
+"""Stream this deployable over a video or a folder of frames WITHOUT edgebuild: the runtime's own package,
+numpy and PyAV (`pip install openvino numpy av`, or onnxruntime). edgebuild copies this file into every deploy/
+folder as `stream.py` (detection deployables get `postprocess.py`, the decode + NMS, beside it).
+
+    python deploy/stream.py deploy/ --source video.mp4 [--fps 30] [--depth 2] [--out detections.jsonl]
+
+Two threads, as `python -m edgebuild.stream` runs them: a capture/decode thread (PyAV) and an inference thread,
+over a bounded queue of `--depth` frames. With `--fps` the capture is paced like a camera and a full queue drops
+its oldest frame (counted); without it every frame is processed in order (the queue blocks the decoder).
+Frames are converted to the model's input size by PyAV (swscale) when they differ; preprocessing is model.json's
+`x = (pixels / scale - mean) / std`. `--out` writes one JSON line per processed frame: index, boxes, scores,
+labels (detection) or label, score (classification). Prints processed FPS, dropped frames and end-to-end p50/p90
+(capture -> result). Exit 0; 2 for bad input (one line on stderr); 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm")
+
+
+class BadInput(Exception):
+    pass
+
+
+def load_session(root: Path, spec: dict):
+    """A callable x -> list of output arrays, on the runtime model.json names."""
+    fmt, files = spec["format"], spec["files"]
+    target = spec.get("target") or {}
+    if fmt == "openvino":
+        import openvino as ov
+
+        config = {"PERFORMANCE_HINT": "LATENCY"}
+        hint = {"fp32": "f32", "fp16": "f16"}.get(target.get("precision_hint"), target.get("precision_hint"))
+        if hint in ("f32", "bf16", "f16"):
+            config["INFERENCE_PRECISION_HINT"] = hint
+        if target.get("threads"):
+            config["INFERENCE_NUM_THREADS"] = int(target["threads"])
+        core = ov.Core()
+        model = core.read_model(str(root / files[0]))
+        model.reshape([1, *spec["input_shape"][1:]])
+        compiled = core.compile_model(model, "CPU", config)
+        request = compiled.create_infer_request()
+        n = len(compiled.outputs)
+
+        def run(x):
+            request.infer({0: x})
+            return [request.get_output_tensor(i).data.copy() for i in range(n)]
+
+        return run
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if target.get("threads"):
+            opts.intra_op_num_threads = int(target["threads"])
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(root / files[0]), opts, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda x: session.run(None, {name: x})
+    raise BadInput(f"this runner knows the openvino and onnx formats; model.json says {fmt!r} "
+                   "(stream it with `python -m edgebuild.stream` instead)")
+
+
+def frames(source: Path, width: int, height: int):
+    """(index, uint8 RGB [height, width, 3]) for a video file or a folder of images, decoded by PyAV."""
+    import av
+
+    paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if source.is_dir() \
+        else [source]
+    if not paths:
+        raise BadInput(f"{source}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    i = 0
+    for path in paths:
+        try:
+            container = av.open(str(path))
+        except (av.FFmpegError, OSError) as e:
+            raise BadInput(f"{path} cannot be opened as video or image ({e})") from None
+        with container:
+            for frame in container.decode(video=0):
+                yield i, frame.to_ndarray(width=width, height=height, format="rgb24")
+                i += 1
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("deploy_dir")
+    p.add_argument("--source", required=True, help="a video file or a folder of frames")
+    p.add_argument("--fps", type=float, default=None, help="pace the capture at this rate, dropping the oldest "
+                   "waiting frame when inference falls behind (default: process every frame)")
+    p.add_argument("--depth", type=int, default=2, help="queue capacity in frames (default 2)")
+    p.add_argument("--out", default=None, help="write the results as JSON lines")
+    a = p.parse_args(argv)
+    try:
+        root = Path(a.deploy_dir)
+        try:
+            spec = json.loads((root / "model.json").read_text())
+        except (OSError, ValueError) as e:
+            raise BadInput(f"{root}/model.json cannot be read ({e})") from None
+        source = Path(a.source)
+        if not source.exists():
+            raise BadInput(f"source {source} does not exist")
+        if a.depth < 1 or (a.fps is not None and not a.fps > 0):
+            raise BadInput("--depth must be >= 1 and --fps > 0")
+        return stream(root, spec, source, a)
+    except BadInput as e:
+        print(f"stream.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nstream.py: interrupted", file=sys.stderr)
+        return 130
+
+
+def stream(root: Path, spec: dict, source: Path, a: argparse.Namespace) -> int:
+    _, channels, height, width = spec["input_shape"]
+    pre = spec.get("preprocess") or {}
+    scale = float(pre.get("scale") or 255.0)
+    mean = np.asarray(pre.get("mean") or [0.0], np.float32).reshape(-1, 1, 1)
+    std = np.asarray(pre.get("std") or [1.0], np.float32).reshape(-1, 1, 1)
+    mul, add = (1.0 / (scale * std)).astype(np.float32), (-mean / std).astype(np.float32)
+    detection = spec.get("task") == "detection"
+    if detection:
+        sys.path.insert(0, str(root))
+        from postprocess import options, postprocess  # the deploy folder's own decode + NMS
+
+        pp_options = options(spec)
+    infer = load_session(root, spec)
+    q: queue.Queue = queue.Queue(maxsize=a.depth)
+    stop, errors, dropped, done = threading.Event(), [], [], []
+    gen = frames(source, width, height)
+    first = next(gen, None)  # a bad source fails here, in the main thread, before the threads start
+    if first is None:
+        raise BadInput(f"{source}: no frames")
+
+    def capture():
+        period, next_t = (1.0 / a.fps if a.fps else 0.0), time.perf_counter()
+        try:
+            for item in _chain(first, gen):
+                if stop.is_set():
+                    break
+                if period:
+                    wait = next_t - time.perf_counter()
+                    if wait > 0:
+                        time.sleep(wait)
+                    next_t = max(next_t + period, time.perf_counter() - period)
+                t = time.perf_counter()
+                if period:  # a camera: drop the oldest waiting frame rather than wait
+                    while True:
+                        try:
+                            q.put_nowait((item, t))
+                            break
+                        except queue.Full:
+                            try:
+                                dropped.append(q.get_nowait()[0][0])
+                            except queue.Empty:
+                                pass
+                else:
+                    while not stop.is_set():
+                        try:
+                            q.put((item, t), timeout=0.1)
+                            break
+                        except queue.Full:
+                            pass
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+        finally:
+            q.put(None)
+
+    def inference():
+        try:
+            while (got := q.get()) is not None:
+                (index, pixels), t_capture = got
+                if channels == 1:
+                    pixels = (pixels @ np.asarray([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)[..., None]
+                x = (pixels.transpose(2, 0, 1).astype(np.float32) * mul + add)[None]
+                outputs = infer(x)
+                if detection:
+                    det = postprocess(outputs[0][0], outputs[1][0], outputs[2][0], **pp_options)
+                    result = {k: np.asarray(det[k]).tolist() for k in ("boxes", "scores", "labels")}
+                else:
+                    z = np.asarray(outputs[0][0], np.float64)
+                    pr = np.exp(z - z.max())
+                    pr /= pr.sum()
+                    result = {"label": int(pr.argmax()), "score": float(pr.max())}
+                done.append((index, t_capture, time.perf_counter(), result))
+                if stop.is_set():
+                    break
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+            stop.set()
+            while q.get() is not None:  # let the capture finish
+                pass
+
+    threads = [threading.Thread(target=capture, daemon=True), threading.Thread(target=inference, daemon=True)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(0.1)
+    except KeyboardInterrupt:
+        stop.set()
+        for t in threads:
+            t.join(5)
+        raise
+    if errors:
+        raise errors[0]
+    wall = time.perf_counter() - t0
+    if a.out:
+        tmp = Path(f"{a.out}.{os.getpid()}.tmp")
+        with tmp.open("w") as f:
+            for index, _, _, result in done:
+                f.write(json.dumps({"index": index, **result}) + "\n")
+        os.replace(tmp, a.out)
+    e2e = np.asarray([(d[2] - d[1]) * 1000.0 for d in done]) if done else np.zeros(1)
+    print(f"{len(done)} frames processed, {len(dropped)} dropped, {len(done) / wall:.1f} FPS processed; "
+          f"e2e p50 {np.percentile(e2e, 50):.1f} ms, p90 {np.percentile(e2e, 90):.1f} ms (capture -> result)")
+    return 0
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+if __name__ == "__main__":
+    sys.exit(main())
