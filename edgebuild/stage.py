@@ -33,6 +33,8 @@ REGISTRY: dict[str, str] = {
     "resolution": "edgebuild.stages.resolution:Resolution",
     "cascade": "edgebuild.stages.cascade:Cascade",
     "shootout": "edgebuild.stages.shootout:Shootout",
+    "gate": "edgebuild.stages.gate:Gate",
+    "decompose": "edgebuild.stages.decompose:Decompose",
 }
 
 
