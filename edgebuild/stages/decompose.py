@@ -67,7 +67,7 @@ class Decompose(FitConfig, Stage):
     needs_float_input: ClassVar[bool] = True
     version: ClassVar[int] = 1
     uses: ClassVar[tuple[str, ...]] = ("data", "task", "trainer")
-    tasks: ClassVar[tuple[str, ...]] = ("classification",)
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "multihead")
 
     method: str = "haar"  # 2x2 Haar wavelet: LL + LH + HL + HH at half resolution
     epochs: int = bounded(5, ge=0)  # fine-tuning with the sub-band stem; 0 = none
