@@ -116,6 +116,11 @@ class TaskConf:
     nms_iou: float = bounded(0.45, gt=0, le=1)
     top_k: int = bounded(200, ge=1)
     detections_per_image: int = bounded(100, ge=1)
+    # task=multihead: the extra heads [{name, classes, map}] (map: data class -> head class), one loss weight
+    # per head (the data's labels first), and the first head's name; None elsewhere (and out of cache keys)
+    heads: list[Any] | None = None
+    loss_weights: list[float] | None = None
+    first_name: str | None = None
 
 
 @dataclass

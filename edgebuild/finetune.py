@@ -148,7 +148,7 @@ def kd_loss(student_logits: Any, teacher_logits: Any, temperature: float) -> Any
 
 
 def _lightning_module(model: Any, task: Any, num_classes: int, fit_cfg: Any, distill: Distillation | None,
-                      epochs: int) -> Any:
+                      epochs: int, penalty: Callable[[Any], Any] | None = None) -> Any:
     import pytorch_lightning as pl
     import torch
 
@@ -176,6 +176,10 @@ def _lightning_module(model: Any, task: Any, num_classes: int, fit_cfg: Any, dis
                 kd = kd_loss(task.logits(out), task.logits(t_out), distill.temperature)
                 self.log("train/kd_loss", kd, on_epoch=True, on_step=False, sync_dist=True)
                 loss = distill.alpha * kd + (1 - distill.alpha) * loss
+            if penalty is not None:  # a stage's regularizer on the model (e.g. L1 on learned gates)
+                extra = penalty(self.model)
+                self.log("train/penalty", extra, on_epoch=True, on_step=False, sync_dist=True)
+                loss = loss + extra
             self.log("train/loss", loss, on_epoch=True, on_step=False, prog_bar=True, sync_dist=True)
             return loss
 
@@ -281,8 +285,10 @@ def _strategy(tcfg: Any) -> Any:
 
 def fit(model: Any, ctx: Any, fit_cfg: Any, *, callbacks: list[Any] | None = None,
         distill: Distillation | None = None, name: str = "fit",
-        transform_best: Callable[[Any], Any] | None = None) -> tuple[Any, dict[str, float]]:
-    """Train `model` (in place on a copy) on ctx's data; return the best-epoch model and metrics."""
+        transform_best: Callable[[Any], Any] | None = None,
+        penalty: Callable[[Any], Any] | None = None) -> tuple[Any, dict[str, float]]:
+    """Train `model` (in place on a copy) on ctx's data; return the best-epoch model and metrics.
+    `penalty(model) -> scalar tensor` is added to every training step's loss (a stage's regularizer)."""
     import pytorch_lightning as pl
     import torch
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
@@ -294,7 +300,7 @@ def fit(model: Any, ctx: Any, fit_cfg: Any, *, callbacks: list[Any] | None = Non
     if epochs <= 0:
         return model.eval(), {}
     pl.seed_everything(ctx.seed, workers=True, verbose=False)
-    module = _lightning_module(model, task, dm.num_classes, fit_cfg, distill, epochs)
+    module = _lightning_module(model, task, dm.num_classes, fit_cfg, distill, epochs, penalty)
     ckpt_dir = ctx.workdir / f".{name}-checkpoints"
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, monitor=task.monitor, mode="max", save_top_k=1,
                                  save_weights_only=True, filename="best")

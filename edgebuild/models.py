@@ -29,6 +29,7 @@ BUILTIN = {"cnn": small_cnn}
 # or a callable(cfg, dm, num_classes, in_channels, **kw)
 EXTRA_BUILDERS: dict[str, Any] = {name: "edgebuild.detection.models.build" for name in
                                   ("ssd_small", "ssdlite320_mobilenet_v3_large", "ssd300_vgg16")}
+EXTRA_BUILDERS["multihead_cnn"] = "edgebuild.tasks.multihead.build_model"  # one backbone, a head per task
 
 
 def build_model(cfg: Any, dm: Any) -> Any:

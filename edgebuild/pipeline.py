@@ -139,7 +139,7 @@ class Builder:
         cfg = self.cfg
         return {
             "data": self.data.fingerprint,
-            "task": _plain(cfg.task),
+            "task": {k: v for k, v in _plain(cfg.task).items() if v is not None},  # unset options leave keys alone
             # the batch size shapes what training learns, but is not part of the data's identity
             "trainer": {**{k: v for k, v in _plain(cfg.trainer).items() if k not in ("enable_progress_bar",)},
                         "batch_size": cfg.data.batch_size},

@@ -33,6 +33,8 @@ REGISTRY: dict[str, str] = {
     "resolution": "edgebuild.stages.resolution:Resolution",
     "cascade": "edgebuild.stages.cascade:Cascade",
     "shootout": "edgebuild.stages.shootout:Shootout",
+    "gate": "edgebuild.stages.gate:Gate",
+    "decompose": "edgebuild.stages.decompose:Decompose",
 }
 
 
@@ -51,7 +53,7 @@ class Stage:
     version: ClassVar[int] = 1
     # which parts of the build config change this stage's output (they enter its cache key)
     uses: ClassVar[tuple[str, ...]] = ("data", "task")
-    tasks: ClassVar[tuple[str, ...]] = ("classification", "detection")
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "detection", "multihead")
     # precision flow, checked at plan time: the precision of this stage's output (None: its input's), and
     # whether it needs fp32 weights (so an INT8 or FP16 input is refused before any work)
     output_precision: ClassVar[str | None] = None

@@ -12,6 +12,7 @@ from edgebuild.errors import EdgebuildError
 TASKS = {
     "classification": "edgebuild.tasks.classification:Classification",
     "detection": "edgebuild.tasks.detection:Detection",
+    "multihead": "edgebuild.tasks.multihead:MultiHead",
 }
 
 
