@@ -44,7 +44,7 @@ PRECISIONS = ("fp32", "int8")
 @dataclass
 class Shootout(Stage):
     kind: ClassVar[str] = "shootout"
-    version: ClassVar[int] = 2  # 2: the spread of the round medians (interleaved_min_ms / max_ms)
+    version: ClassVar[int] = 3  # 2: the rounds' spread (interleaved_min_ms / max_ms); 3: latency ties go to size
     # the budget decides the pick; the target's threads and device decide the timings
     uses: ClassVar[tuple[str, ...]] = ("data", "task", "calibration", "target", "budget")
     needs_float_input: ClassVar[bool] = True
@@ -52,6 +52,9 @@ class Shootout(Stage):
     runtimes: list[str] = field(default_factory=list)  # empty: every registered runtime installed here
     precisions: list[str] = field(default_factory=lambda: list(PRECISIONS))
     rounds: int = bounded(5, ge=1)  # interleaved timing rounds (median of the per-round medians)
+    # candidates within this fraction of the fastest are a tie, and the smallest of them is picked: a latency
+    # gap inside the rounds' spread is noise, a 3x smaller file is flash and download on the device
+    latency_tolerance: float = bounded(0.05, ge=0, le=1)
 
     def cache_inputs(self, cfg: Any) -> dict[str, Any]:
         """The candidate set: which runtimes would compete, at which package versions."""
@@ -95,7 +98,7 @@ class Shootout(Stage):
             raise EdgebuildError("shootout: no runtime produced a candidate (" + "; ".join(notes) + ")",
                                  "install a runtime's package (see README) or change stages.shootout.runtimes")
         rows = self._measure(ctx, candidates)
-        pick, why = choose(rows)
+        pick, why = choose(rows, self.latency_tolerance)
         rows[pick]["pick"] = True
         for i, row in enumerate(rows):
             row["why"] = why[i]
@@ -202,16 +205,22 @@ def candidate_names(target_cfg: Any, runtimes: list[str]) -> list[str]:
     return list(by_format.values())
 
 
-def choose(rows: list[dict[str, Any]]) -> tuple[int, list[str]]:
-    """Index of the fastest row meeting the budget (else the most accurate: the build then fails its
-    budget), and for every row why it was or was not picked."""
+def choose(rows: list[dict[str, Any]], tolerance: float = 0.0) -> tuple[int, list[str]]:
+    """Index of the pick among rows meeting the budget: of those within `tolerance` of the fastest, the
+    smallest on disk (else the most accurate: the build then fails its budget); and for every row why it
+    was or was not picked."""
     ok = [i for i, r in enumerate(rows) if r["budget_ok"]]
 
     def ms(i: int) -> float:
         return rows[i]["metrics"]["latency/interleaved_ms"]
 
+    def size(i: int) -> float:
+        return rows[i]["metrics"].get("size/bytes", float("inf"))
+
+    fastest = min(ok, key=ms) if ok else None
+    tied = [i for i in ok if ms(i) <= ms(fastest) * (1 + tolerance)] if ok else []
     if ok:
-        pick = min(ok, key=ms)
+        pick = min(tied, key=lambda i: (size(i), ms(i)))
     else:
         quality = [max((v for k, v in r["metrics"].items() if k.startswith(("acc/top1", "map/50_95"))), default=0.0)
                    for r in rows]
@@ -219,9 +228,19 @@ def choose(rows: list[dict[str, Any]]) -> tuple[int, list[str]]:
     why = []
     for i, r in enumerate(rows):
         if i == pick:
-            why.append("fastest within the budget" if ok else "no candidate meets the budget; the most accurate")
+            if not ok:
+                why.append("no candidate meets the budget; the most accurate")
+            elif i == fastest or len(tied) == 1:
+                why.append("fastest within the budget" + (", and the smallest of those within "
+                                                           f"{tolerance:.0%} of it" if len(tied) > 1 else ""))
+            else:
+                why.append(f"within {tolerance:.0%} of the fastest (x{ms(i) / ms(fastest):.2f}) and the smallest: "
+                           f"{size(i) / 1e6:.2f} MB vs {size(fastest) / 1e6:.2f} MB")
         elif not r["budget_ok"]:
             why.append("budget: " + ", ".join(r["violations"]))
+        elif i in tied:
+            why.append(f"a latency tie (x{ms(i) / ms(pick):.2f}), larger: {size(i) / 1e6:.2f} MB vs "
+                       f"{size(pick) / 1e6:.2f} MB")
         else:
             why.append(f"slower: {ms(i):.3f} ms vs {ms(pick):.3f} ms (x{ms(i) / ms(pick):.2f})")
     return pick, why

@@ -10,6 +10,7 @@ import pytest
 
 from edgebuild import budget, testing
 from edgebuild.errors import BudgetExceeded
+from edgebuild.stages.shootout import choose
 from edgebuild.targets import base, formats
 from edgebuild.targets.onnxruntime import ONNXRuntime
 from tests.conftest import FAST
@@ -57,7 +58,9 @@ def test_the_pick_is_the_fastest_within_budget_and_is_what_deploys(shootout):
     _, s = shootout
     candidates, pick = s["pick"]["candidates"], s["pick"]
     ok = [c for c in candidates if c["budget_ok"]]
-    assert ok and pick["name"] == min(ok, key=lambda c: c["metrics"]["latency/interleaved_ms"])["name"]
+    fastest = min(c["metrics"]["latency/interleaved_ms"] for c in ok)
+    tied = [c for c in ok if c["metrics"]["latency/interleaved_ms"] <= fastest * 1.05]  # the default tolerance
+    assert ok and pick["name"] == min(tied, key=lambda c: c["metrics"]["size/bytes"])["name"]
     assert [c["name"] for c in candidates if c["pick"]] == [pick["name"]]
     assert all(c["metrics"]["acc/drop"] <= 1.0 for c in ok)
     model_json = json.loads((Path(s["deploy"]) / "model.json").read_text())
@@ -82,6 +85,22 @@ def test_every_candidate_is_a_nested_run_of_the_stage(shootout):
     assert by_name[s["pick"]["name"]].data.metrics["shootout/pick"] == 1.0
     assert sum(r.data.metrics["shootout/pick"] for r in children) == 1.0
     assert np.isfinite(by_name[s["pick"]["name"]].data.metrics["latency/interleaved_ms"])
+
+
+def test_a_latency_tie_goes_to_the_smallest_and_a_real_gap_to_the_fastest():
+    def row(name, ms, size, ok=True):
+        return {"name": name, "budget_ok": ok, "violations": [] if ok else ["acc/drop 2 not <= 1"],
+                "metrics": {"latency/interleaved_ms": ms, "size/bytes": size, "acc/top1": 0.9}}
+
+    rows = [row("fp32", 1.00, 4e6), row("int8", 1.03, 1e6), row("small-but-slow", 1.5, 0.5e6),
+            row("tiny-but-inaccurate", 0.5, 0.1e6, ok=False)]
+    pick, why = choose(rows, 0.05)
+    assert rows[pick]["name"] == "int8" and "within 5% of the fastest" in why[pick]
+    assert "latency tie" in why[0] and "slower" in why[2] and why[3].startswith("budget")
+    pick, why = choose(rows, 0.0)
+    assert rows[pick]["name"] == "fp32" and why[pick] == "fastest within the budget"
+    rows[1]["metrics"]["latency/interleaved_ms"] = 1.2  # outside the tolerance: speed decides
+    assert rows[choose(rows, 0.05)[0]]["name"] == "fp32"
 
 
 def test_a_floor_no_candidate_meets_is_exit_1_with_the_table(tmp_path):
