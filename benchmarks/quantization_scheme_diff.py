@@ -1,5 +1,12 @@
 """NNCF scheme per target device on MobileNetV2 (random weights): where FakeQuantize nodes go (docs/benchmarks.md)."""
-import torch, torchvision, openvino as ov, nncf, numpy as np, collections
+import collections
+
+import nncf
+import numpy as np
+import openvino as ov
+import torch
+import torchvision
+
 m = torchvision.models.mobilenet_v2(num_classes=10).eval()
 model = ov.convert_model(m, example_input=torch.zeros(1,3,48,48))
 data = nncf.Dataset([np.random.rand(1,3,48,48).astype(np.float32) for _ in range(20)])

@@ -19,7 +19,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +47,7 @@ def quick_deploy(out: Path) -> Path:
     from edgebuild.pipeline import build
 
     try:
-        s = build(testing.compose(testing.shrink(out) + QUICK, "ssd_int8"), out / "run", "ssd_int8")
+        build(testing.compose(testing.shrink(out) + QUICK, "ssd_int8"), out / "run", "ssd_int8")
     except BudgetExceeded:
         pass
     return out / "run" / "deploy"

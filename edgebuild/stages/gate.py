@@ -98,7 +98,7 @@ def _modules() -> tuple[type, type]:
 
 def __getattr__(name: str) -> Any:  # unpickling a dynamic-gated model asks for the classes by name
     if name in ("KernelGate", "Gated"):
-        return dict(zip(("KernelGate", "Gated"), _modules()))[name]
+        return dict(zip(("KernelGate", "Gated"), _modules(), strict=False))[name]
     raise AttributeError(name)
 
 
@@ -333,7 +333,7 @@ def remove_kernels(model: Any, convs: list[Any], util: dict[str, Any], threshold
 
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros([1, *shape[1:]]))
     removed = 0
-    for conv, u in zip(convs, util.values()):
+    for conv, u in zip(convs, util.values(), strict=False):
         idxs = [int(i) for i in (u < threshold).nonzero()[0]]
         if len(idxs) >= conv.out_channels:
             keep = int(u.argmax())

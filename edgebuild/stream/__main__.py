@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from edgebuild.errors import EdgebuildError
-
 from edgebuild.openmp import limit_spinning  # noqa: E402
 
 limit_spinning()  # before torch loads

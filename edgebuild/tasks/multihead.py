@@ -79,7 +79,7 @@ class MultiHead(Classification):
     def loss(self, outputs: Any, targets: Any) -> Any:
         import torch.nn.functional as F
 
-        return sum(w * F.cross_entropy(o, t) for w, o, t in zip(self.loss_weights, outputs, self._targets(targets)))
+        return sum(w * F.cross_entropy(o, t) for w, o, t in zip(self.loss_weights, outputs, self._targets(targets), strict=False))
 
     def logits(self, outputs: Any) -> Any:
         return outputs[0]
@@ -113,13 +113,13 @@ class MultiHeadEval:
     def update(self, outputs: list[np.ndarray], targets: Any) -> None:
         t = np.asarray(targets)
         labels = [t, *[np.asarray(h["map"])[t] for h in self.task.heads]]
-        for ev, out, lab in zip(self.evals, outputs, labels):
+        for ev, out, lab in zip(self.evals, outputs, labels, strict=False):
             ev.update([out], lab)
 
     def compute(self) -> tuple[dict[str, float], dict[str, Any]]:
         metrics, tables = self.evals[0].compute()
         metrics[f"acc/{self.task.first}/top1"] = metrics["acc/top1"]
-        for h, ev in zip(self.task.heads, self.evals[1:]):
+        for h, ev in zip(self.task.heads, self.evals[1:], strict=False):
             m, t = ev.compute()
             metrics[f"acc/{h['name']}/top1"] = m["acc/top1"]
             tables[f"per_class_{h['name']}"] = t["per_class"]
