@@ -15,11 +15,12 @@ log = logging.getLogger(__name__)
 RUNTIMES = {
     "openvino": "edgebuild.targets.openvino:OpenVINORuntime",
     "onnxruntime": "edgebuild.targets.onnxruntime:ONNXRuntime",
-    "tflm": "edgebuild.targets.tflm:TFLMRuntime",  # TFLite Micro on the host: INT8 .tflite (extra: runtimes)
-    "ethos_u": "edgebuild.targets.ethos_u:EthosURuntime",  # Vela for Ethos-U55/U65 + TFLM accuracy
     "mcu": "edgebuild.targets.mcu:MCURuntime",  # previous release's MCU estimates on an OpenVINO CPU stand-in
     "executorch": "edgebuild.targets.executorch:ExecuTorchRuntime",  # .pte, XNNPACK (extra: runtimes)
     "litert": "edgebuild.targets.litert:LiteRTRuntime",  # .tflite via litert-torch (extra: runtimes)
+    # after litert: the first runtime registering a format owns it (the shootout's candidate for .tflite)
+    "tflm": "edgebuild.targets.tflm:TFLMRuntime",  # TFLite Micro on the host: INT8 .tflite (extra: runtimes)
+    "ethos_u": "edgebuild.targets.ethos_u:EthosURuntime",  # Vela for Ethos-U55/U65 + TFLM accuracy
     "tensorrt": "edgebuild.targets.tensorrt:TensorRTRuntime",  # NVIDIA GPUs; unmeasured without one
 }
 
