@@ -40,7 +40,7 @@ def case_args(case: str, limit: int, epochs: int, rounds: int) -> list[str]:
                 f"stages.train.epochs={epochs}"]
     if case == "mobilenet_v2_224":
         return [*common, "data.limit=1000", "data.image_size=224", "model.small_input=false",
-                "model.kwargs.width_mult=1.0", "stages.train.epochs=0", "budget.max_acc_drop=null"]
+                "model.kwargs.width_mult=1.0", "stages.train=null", "budget.max_acc_drop=null"]
     raise SystemExit(f"unknown case {case!r}: use cifar, mobilenet_v2_224")
 
 
@@ -52,13 +52,13 @@ def benchmark_app_ms(xml: Path, threads: int, seconds: int = 10) -> float | None
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=300).stdout
     except (OSError, subprocess.TimeoutExpired):
         return None
-    found = re.search(r"Median:\s+([\d.]+)\s*ms", out)
-    return float(found.group(1)) if found else None
+    found = re.search(r"Median:\s+([\d.]+)\s*(ms|us)", out)
+    return None if not found else float(found.group(1)) / (1000.0 if found.group(2) == "us" else 1.0)
 
 
-def run_case(case: str, args: argparse.Namespace, workdir: Path) -> None:
+def run_case(case: str, args: argparse.Namespace, work: Path, workdir: Path) -> None:
     cmd = [sys.executable, "-m", "edgebuild", *case_args(case, args.limit, args.epochs, args.rounds),
-           f"cache.dir={workdir}/cache", f"hydra.run.dir={workdir}/{case}"]
+           f"cache.dir={work}/cache", f"hydra.run.dir={workdir}/{case}"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     summaries = sorted((workdir / case).glob("**/summary.json"))
     if not summaries:
@@ -102,9 +102,11 @@ def main() -> None:
     args = ap.parse_args()
     if not DATA.exists():
         raise SystemExit(f"no {DATA}")
-    with tempfile.TemporaryDirectory() as tmp:
-        for case in args.cases.split(","):
-            run_case(case, args, Path(tmp))
+    work = ROOT / "outputs" / "bench-runtimes"  # its stage cache: a rerun retrains nothing
+    work.mkdir(parents=True, exist_ok=True)
+    for case in args.cases.split(","):
+        with tempfile.TemporaryDirectory(dir=work) as tmp:
+            run_case(case, args, work, Path(tmp))
 
 
 if __name__ == "__main__":
