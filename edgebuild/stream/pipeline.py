@@ -227,16 +227,20 @@ def run(model: Any, source: Any, cfg: StreamConfig, t_start: float | None = None
                     if cfg.reuse_threshold > 0:
                         last_small = small
                 times = {"decode": item.decode_s, "preprocess": t1 - t0, "inference": t2 - t1, "postprocess": t3 - t2}
-                records.append(Record(item.frame.index, item.t_capture, t3, times, reused, result, item.frame.truth,
-                                      size))
-                if sink is not None:
-                    sink.put(pixels, result)
-                if on_result is not None:
-                    on_result(records[-1])
+                emit(item, t3, times, reused, result, pixels, size)
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
             errors.append(e)
             stop.set()
             ring.abort()
+
+    def emit(item: Item, t_done: float, times: dict[str, float], reused: bool, result: Any, pixels: Any,
+             size: tuple[int, int]) -> None:
+        """One frame's result, from either inference loop: recorded, annotated, handed to the caller."""
+        records.append(Record(item.frame.index, item.t_capture, t_done, times, reused, result, item.frame.truth, size))
+        if sink is not None:
+            sink.put(pixels, result)
+        if on_result is not None:
+            on_result(records[-1])
 
     def infer_async() -> None:
         """N requests in flight: start each frame's inference, postprocess the oldest when N are busy."""
@@ -259,12 +263,7 @@ def run(model: Any, source: Any, cfg: StreamConfig, t_start: float | None = None
                 last_result = result
             t3 = time.perf_counter()
             times = {"decode": item.decode_s, "preprocess": t1 - t0, "inference": t2 - t1, "postprocess": t3 - t2}
-            records.append(Record(item.frame.index, item.t_capture, t3, times, reused, result, item.frame.truth,
-                                  size))
-            if sink is not None:
-                sink.put(pixels, result)
-            if on_result is not None:
-                on_result(records[-1])
+            emit(item, t3, times, reused, result, pixels, size)
 
         try:
             while True:
