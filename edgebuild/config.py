@@ -282,6 +282,7 @@ class TrainerConf:
     strategy: str = "auto"
     precision: str = "32-true"
     deterministic: bool = True
+    channels_last: bool = True  # train conv models in NHWC memory layout (faster on CPUs); weights come back NCHW
     enable_progress_bar: bool | None = None  # null: a progress bar with images/s when stderr is a terminal
     enable_model_summary: bool = False
     log_every_n_steps: int = bounded(10, ge=1)

@@ -169,3 +169,29 @@ def test_ddp_runs_fit_on_two_processes_and_everything_else_once(tmp_path):
     # two ranks see half the batches each (twice the global batch): close to, not equal to, one process
     assert abs(train_ddp["acc/top1"] - train_single["acc/top1"]) <= 0.1
     assert train_ddp["acc/top1"] > 0.5
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_conv_models_train_in_nhwc_and_come_back_nchw(tmp_path, channels_last):
+    from types import SimpleNamespace
+
+    from edgebuild.finetune import fit
+    from edgebuild.models import build_model
+    from edgebuild.stages.train import Train
+    from edgebuild.tasks import make_task
+
+    cfg = testing.compose(testing.shrink(tmp_path) + FAST + [f"trainer.channels_last={str(channels_last).lower()}"])
+    task = make_task(cfg.task)
+    dm = task.datamodule(cfg.data, tmp_path / "cache")
+    model = build_model(cfg.model, dm)
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)  # C=1: same bytes
+    layouts = []
+    conv.register_forward_pre_hook(lambda _, args: layouts.append(
+        args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous()))
+    ctx = SimpleNamespace(cfg=cfg, data=dm, task=task, workdir=tmp_path, seed=0, logger=None)
+    trained, metrics = fit(model, ctx, Train(epochs=1), name="train")
+    assert layouts and set(layouts) == {channels_last}, "every training and validation batch in the asked layout"
+    assert metrics["train/channels_last"] == float(channels_last)
+    assert all(p.is_contiguous() for p in trained.parameters()), "weights come back in the standard NCHW layout"
+    x = torch.from_numpy(dm.normalize(dm.splits["val"].images[:4]))
+    assert trained(x).shape == (4, dm.num_classes)

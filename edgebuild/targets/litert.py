@@ -18,7 +18,8 @@ from edgebuild.targets import base, torch_edge
 from edgebuild.targets.base import Quantized, QuantizeRequest, Runtime, Session
 
 TFLITE_FILE = "model.tflite"
-PACKAGES = {"litert_torch": "litert-torch==0.10.0", "ai_edge_litert.interpreter": "ai-edge-litert==2.3.0"}
+PACKAGES = {"litert_torch": "litert-torch==0.10.0", "ai_edge_litert.interpreter": "ai-edge-litert==2.3.0",
+            "ai_edge_litert.schema_py_generated": "ai-edge-litert==2.3.0"}
 COMPUTE_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "CONV_3D", "TRANSPOSE_CONV", "FULLY_CONNECTED", "BATCH_MATMUL")
 INTEGER = ("int8", "uint8", "int16")
 
@@ -46,10 +47,34 @@ def interpreter(path: Path, threads: int = 0) -> Any:
     return it
 
 
-def ops(it: Any) -> list[tuple[str, str]]:
-    """(op name, dtype of its first operand) per op of the model as written (before delegation)."""
-    return [(o["op_name"], np.dtype(o["operand_types"][0]).name if o.get("operand_types") else "")
-            for o in it._get_ops_details() if o["op_name"] != "DELEGATE"]
+def graph(path: Path) -> list[dict[str, Any]]:
+    """The ops of the .tflite as written (before any delegation), read from the flatbuffer with the schema
+    LiteRT publishes (`schema_py_generated`), not the interpreter's private op listing: per op its index,
+    op_name, inputs and outputs (tensor indices), operand_types and output_names."""
+    schema = _require("ai_edge_litert.schema_py_generated")
+    model = schema.Model.GetRootAs(Path(path).read_bytes(), 0)  # lazy accessors: weights are not unpacked
+    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    type_names = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    sub = model.Subgraphs(0)
+    rows = []
+    for index in range(sub.OperatorsLength()):
+        op = sub.Operators(index)
+        code = model.OperatorCodes(op.OpcodeIndex())
+        builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())  # codes >= 127 live in BuiltinCode only
+        name = op_names.get(builtin, str(builtin))
+        if name == "CUSTOM" and code.CustomCode():
+            name = code.CustomCode().decode()
+        inputs = [int(op.Inputs(i)) for i in range(op.InputsLength())]
+        outputs = [int(op.Outputs(i)) for i in range(op.OutputsLength())]
+        rows.append({"index": index, "op_name": name, "inputs": inputs, "outputs": outputs,
+                     "operand_types": [type_names.get(sub.Tensors(i).Type(), "") for i in inputs if i >= 0],
+                     "output_names": [(sub.Tensors(i).Name() or b"").decode() for i in outputs if i >= 0]})
+    return rows
+
+
+def ops(path: Path) -> list[tuple[str, str]]:
+    """(op name, dtype of its first operand) per op of the model as written."""
+    return [(o["op_name"], o["operand_types"][0] if o["operand_types"] else "") for o in graph(path)]
 
 
 def io_quantization(it: Any) -> dict[str, Any]:
@@ -76,7 +101,7 @@ def quantize(model: Any, calibration: np.ndarray, meta: dict[str, Any], path: Pa
     converted = torch_edge.pt2e_calibrated(model, quantizer, calibration, meta, fold_quantize=False)
     convert(converted, meta, path, QuantConfig(pt2e_quantizer=quantizer))
     it = interpreter(path)
-    compute = [dt for op, dt in ops(it) if op in COMPUTE_OPS]
+    compute = [dt for op, dt in ops(path) if op in COMPUTE_OPS]
     if not any(dt in INTEGER for dt in compute):  # a known litert-torch failure: "INT8" that is all float
         raise EdgebuildError(
             f"LiteRT INT8: the converted {type(model).__name__} runs no compute op in int8 "
@@ -154,12 +179,12 @@ class LiteRTRuntime(Runtime):
         return Artifact(self.format, folder, [TFLITE_FILE], meta={**meta, "format": self.format})
 
     def compile(self, artifact: Artifact, device: str, batch: int) -> LiteRTSession:
-        return LiteRTSession(interpreter(artifact.main_file, int(self.cfg.threads)))
+        return LiteRTSession(interpreter(artifact.main_file, int(self.cfg.threads)), artifact.main_file)
 
 
 class LiteRTSession(Session):
-    def __init__(self, it: Any):
-        self.it = it
+    def __init__(self, it: Any, path: Path):
+        self.it, self.path = it, path
         self.input = it.get_input_details()[0]
         self.outputs = it.get_output_details()
 
@@ -193,7 +218,7 @@ class LiteRTSession(Session):
 
     def runtime_info(self) -> dict[str, Any]:
         """Dtypes read from the interpreter: operands of each compute op, model input/output, weights."""
-        compute = [dt for op, dt in ops(self.it) if op in COMPUTE_OPS]
+        compute = [dt for op, dt in ops(self.path) if op in COMPUTE_OPS]
         int8 = sum(dt in INTEGER for dt in compute)
         dtypes = sorted({np.dtype(t["dtype"]).name for t in self.it.get_tensor_details()})
         info = {"runtime/precision": "int8" if compute and int8 / len(compute) > 0.5 else "fp32",
@@ -206,4 +231,4 @@ class LiteRTSession(Session):
         return info
 
     def float_layers(self) -> list[str]:
-        return [f"{op}_{i}" for i, (op, dt) in enumerate(ops(self.it)) if op in COMPUTE_OPS and dt not in INTEGER]
+        return [f"{op}_{i}" for i, (op, dt) in enumerate(ops(self.path)) if op in COMPUTE_OPS and dt not in INTEGER]

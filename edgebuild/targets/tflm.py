@@ -34,7 +34,7 @@ from edgebuild.artifact import Artifact
 from edgebuild.errors import EdgebuildError
 from edgebuild.targets import torch_edge
 from edgebuild.targets.base import Runtime, Session
-from edgebuild.targets.litert import COMPUTE_OPS, INTEGER, LiteRTRuntime, interpreter, ops
+from edgebuild.targets.litert import COMPUTE_OPS, INTEGER, LiteRTRuntime, graph, interpreter, ops
 
 TFLM_PACKAGE = "tflite-micro==0.dev20261023182759"
 TFLM_OPTIONS = ("runtime_code_bytes", "arena_search_max_bytes", "arena_margin_bytes", "bytes_per_weight",
@@ -74,8 +74,8 @@ def resolver_name(op: str) -> str:
 
 
 def model_ops(path: Path) -> list[str]:
-    """Op types of the .tflite, in first-use order (read by LiteRT's interpreter, before delegation)."""
-    return list(dict.fromkeys(op for op, _ in ops(interpreter(path))))
+    """Op types of the .tflite, in first-use order (read from the flatbuffer)."""
+    return list(dict.fromkeys(op for op, _ in ops(path)))
 
 
 class Micro:
@@ -141,10 +141,7 @@ class Micro:
                               "check that every operator of the model is one TFLite Micro has")
 
     def _op_details(self) -> list[tuple[str, str]]:
-        it = interpreter(self.path)
-        names = {t["index"]: t["name"] for t in it.get_tensor_details()}
-        return [(o["op_name"], names.get(o["outputs"][0], "") if len(o["outputs"]) else "")
-                for o in it._get_ops_details() if o["op_name"] != "DELEGATE"]
+        return [(o["op_name"], o["output_names"][0] if o["output_names"] else "") for o in graph(self.path)]
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         """One batch-1 float input -> the float (dequantized) output; int8 input quantized with its scale."""
@@ -199,7 +196,7 @@ def estimates(path: Path, options: dict[str, Any]) -> dict[str, Any]:
 
     it = interpreter(path)
     details = {t["index"]: t for t in it.get_tensor_details()}
-    op_list = [o for o in it._get_ops_details() if o["op_name"] != "DELEGATE"]
+    op_list = graph(path)
     produced = {int(t) for o in op_list for t in o["outputs"]}
     graph_in = {int(d["index"]) for d in it.get_input_details()}
     graph_out = [str(int(d["index"])) for d in it.get_output_details()]
@@ -284,13 +281,13 @@ class TFLMSession(Session):
         return self.micro.it.invoke
 
     def float_layers(self) -> list[str]:
-        return [f"{op}_{i}" for i, (op, dt) in enumerate(ops(interpreter(self.artifact.main_file)))
+        return [f"{op}_{i}" for i, (op, dt) in enumerate(ops(self.artifact.main_file))
                 if op in COMPUTE_OPS and dt not in INTEGER]
 
     def runtime_info(self) -> dict[str, Any]:
         path = self.artifact.main_file
         op_types = model_ops(path)
-        compute = [dt for op, dt in ops(interpreter(path)) if op in COMPUTE_OPS]
+        compute = [dt for op, dt in ops(path) if op in COMPUTE_OPS]
         int8 = sum(dt in INTEGER for dt in compute)
         table = self.runtime.options["runtime_code_bytes"]
         code = code_bytes(op_types, table)

@@ -11,7 +11,7 @@ from edgebuild.errors import EdgebuildError
 from edgebuild.evaluate import latency
 from edgebuild.targets import Target
 from edgebuild.targets.base import QuantizeRequest
-from edgebuild.targets.litert import LiteRTRuntime
+from edgebuild.targets.litert import COMPUTE_OPS, LiteRTRuntime, graph
 from tests.targets.conftest import fp32_deployable, int8_deployable, target_cfg, top1
 
 
@@ -92,6 +92,21 @@ def test_int8_is_full_integer_with_exposed_io_quantization(runtime, int8, digits
     np.testing.assert_allclose(session.infer(x)[0], (raw.astype(np.float32) - out["zero_point"]) * out["scale"])
     int8_top1 = top1(lambda a: session.infer(a)[0], digits)
     assert float_top1 > 0.9 and abs(int8_top1 - float_top1) <= 0.02, (int8_top1, float_top1)
+
+
+def test_graph_reads_the_flatbuffer_as_the_interpreter_wires_it(runtime, int8):
+    """The op listing comes from the published schema, not the interpreter's private one: its tensors are the
+    interpreter's own (names, dtypes), the model's input feeds the first op and its output leaves the last."""
+    session = runtime.load(int8.artifact, "CPU", 1)
+    ops = graph(int8.artifact.main_file)
+    tensors = {t["index"]: t for t in session.it.get_tensor_details()}
+    for op in ops:
+        for i, dtype in zip([i for i in op["inputs"] if i >= 0], op["operand_types"], strict=True):
+            assert np.dtype(tensors[i]["dtype"]).name == dtype
+        assert op["output_names"] == [tensors[i]["name"] for i in op["outputs"]]
+    assert session.input["index"] in ops[0]["inputs"] and session.outputs[0]["index"] in ops[-1]["outputs"]
+    compute = [op for op in ops if op["op_name"] in COMPUTE_OPS]
+    assert compute and all(op["operand_types"][0] == "int8" for op in compute)
 
 
 def test_latency_is_positive_and_load_is_timed(runtime, fp32, int8):
