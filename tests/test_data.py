@@ -54,7 +54,7 @@ def test_imagefolder_keeps_given_split_folders(tmp_path):
     assert [len(dm.splits[s].labels) for s in ("train", "val", "test")] == [20, 6, 8]
 
 
-def test_imagefolder_reads_a_tar_gz_like_the_cifar_archive(tmp_path):
+def test_imagefolder_reads_a_tar_gz_like_the_cifar_archive(tmp_path, monkeypatch):
     make_folder(tmp_path / "src" / "cifar-like", split="train")
     archive = tmp_path / "data.tar.gz"
     with tarfile.open(archive, "w:gz") as tf:
@@ -62,8 +62,18 @@ def test_imagefolder_reads_a_tar_gz_like_the_cifar_archive(tmp_path):
     dm = DataModule(data_cfg(tmp_path, "data=imagefolder", f"data.root={archive}"), tmp_path)
     assert dm.class_names == ["cat", "dog"]
     assert sum(len(dm.splits[s].labels) for s in ("train", "val", "test")) == 24
-    again = DataModule(data_cfg(tmp_path, "data=imagefolder", f"data.root={archive}"), tmp_path)
-    assert np.array_equal(again.splits["train"].images, dm.splits["train"].images)  # from the decoded cache
+    (listing,) = (tmp_path / "data" / "listings").glob("*.json")
+    # a rebuild takes the member list and the images from the cache: the archive is never decompressed
+    with monkeypatch.context() as m:
+        m.setattr(tarfile.TarFile, "getmembers", lambda self: pytest.fail("the archive was listed again"))
+        again = DataModule(data_cfg(tmp_path, "data=imagefolder", f"data.root={archive}"), tmp_path)
+    assert np.array_equal(again.splits["train"].images, dm.splits["train"].images)
+    # a new image size decodes again, from the listed names
+    other = tmp_path / "other"
+    (other / "data" / "listings").mkdir(parents=True)
+    (other / "data" / "listings" / listing.name).write_text(listing.read_text())
+    small = DataModule(data_cfg(other, "data=imagefolder", f"data.root={archive}", "data.image_size=4"), other)
+    assert small.splits["train"].images.shape[2:] == (4, 4) and small.class_names == ["cat", "dog"]
 
 
 @pytest.mark.parametrize("case,match", [
