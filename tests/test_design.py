@@ -22,15 +22,14 @@ def test_import_edgebuild_loads_no_heavy_library():
 
 
 def test_only_tracking_imports_mlflow():
-    """The tracking package only: its __init__ and the pyfunc file MLflow itself loads from code (the logged
-    model's code), which no edgebuild module imports: it is never loaded by a build, only by
-    mlflow.pyfunc.load_model."""
+    """tracking/__init__.py only. The logged model's loader module (tracking/edgebuild_pyfunc.py) is plain
+    Python that MLflow imports at load time, and no edgebuild module imports it."""
     importers = {p.relative_to(PACKAGE).as_posix() for p, text in sources().items()
                  if re.search(r"^\s*(import mlflow|from mlflow)", text, re.M)}
-    assert importers == {"tracking/__init__.py", "tracking/pyfunc_model.py"}
+    assert importers == {"tracking/__init__.py"}
     for p, text in sources().items():
-        assert not re.search(r"(import|from) [.a-z_]*pyfunc_model|edgebuild\.pyfunc_model", text), p
-    assert "mlflow.pyfunc" in (PACKAGE / "tracking" / "pyfunc_model.py").read_text()
+        assert not re.search(r"(import|from) [.a-z_]*edgebuild_pyfunc", text), p
+    assert "def _load_pyfunc(" in (PACKAGE / "tracking" / "edgebuild_pyfunc.py").read_text()
 
 
 def test_stages_never_import_tracking():

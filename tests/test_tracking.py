@@ -67,9 +67,10 @@ def test_pyfunc_predicts_what_the_deployable_predicts(built):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     assert (got.argmax(1) == expected.argmax(1)).all()
     assert float((got.argmax(1) == raw.labels).mean()) == pytest.approx(s["stages"][-1]["metrics"]["acc/top1"])
-    # from code, not a pickle: the model folder holds the python file and the deployable
+    # no pickle: the model folder holds the loader module (plain Python) and the deployable
     local = Path(mlflow.artifacts.download_artifacts(s["mlflow_model_uri"], dst_path=str(tmp / "dl")))
-    assert not list(local.rglob("*.pkl")) and (local / "pyfunc_model.py").exists()
+    assert not list(local.rglob("*.pkl")) and (local / "code" / "edgebuild_pyfunc.py").exists()
+    assert "loader_module: edgebuild_pyfunc" in (local / "MLmodel").read_text()
     assert {"model.xml", "model.bin", "model.json"} <= {p.name for p in local.rglob("*")}
 
 

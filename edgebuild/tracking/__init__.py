@@ -4,7 +4,7 @@ One parent run per build, one nested run per stage (cache hits included, tagged 
 for a stage's sub-steps. Every run ends FINISHED, FAILED or KILLED (Ctrl-C), never RUNNING.
 The parent run also carries the final stage's metrics, the data as its dataset input (digest = the
 data fingerprint, on every stage run too) and the final deployable as an MLflow logged model: a pyfunc
-from code (edgebuild/tracking/pyfunc_model.py, nothing pickled), optionally registered (`tracking.register`).
+with a plain-Python loader module (edgebuild/tracking/edgebuild_pyfunc.py, nothing pickled), optionally registered (`tracking.register`).
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ class Tracker:
             mlflow.MlflowClient().set_tag(self.parent_id, k, str(v))
 
     def log_model(self, deploy_dir: Path, dataset: dict[str, Any] | None = None) -> str | None:
-        """The final deployable as an MLflow logged model of the parent run (a pyfunc from code that
+        """The final deployable as an MLflow logged model of the parent run (a pyfunc whose loader module
         runs it with its runtime). The parent's metrics (record them first) are linked to it, and
         `tracking.register=NAME` registers it. Returns the model URI."""
         import mlflow
@@ -223,8 +223,8 @@ class Tracker:
         with warnings.catch_warnings(), _known_distributions(requirements):
             warnings.filterwarnings("ignore", message=".*input example was not provided.*")  # the signature says
             info = Model.log(artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=self.parent_id,
-                             python_model=str(PYFUNC_CODE), artifacts={"deploy": str(deploy_dir)},
-                             signature=signature,
+                             loader_module=PYFUNC_CODE.stem, code_paths=[str(PYFUNC_CODE)],
+                             data_path=str(deploy_dir), signature=signature,
                              pip_requirements=requirements, registered_model_name=register,
                              tags={k: str(v) for k, v in tags.items() if v is not None},
                              model_type="edgebuild-deployable")
@@ -256,7 +256,7 @@ def make_tracker(cfg: Any, experiment: str) -> Tracker | NullTracker:
     return Tracker(cfg, experiment) if cfg.enabled else NullTracker()
 
 
-PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")  # loaded by MLflow, never imported by edgebuild
+PYFUNC_CODE = Path(__file__).with_name("edgebuild_pyfunc.py")  # imported by MLflow only, never by edgebuild
 
 
 @contextlib.contextmanager

@@ -1,10 +1,11 @@
-"""The MLflow pyfunc of an edgebuild deployable, logged as a model from code.
+"""The MLflow pyfunc of an edgebuild deployable: the model's loader module, plain Python.
 
-MLflow copies this file into the logged model and runs it to load the model (`mlflow.pyfunc.load_model`):
-nothing is pickled. It reads the deployable folder (`model.json` + the IR or ONNX files, the artifact
-`deploy`) and runs it with its runtime (OpenVINO or ONNX Runtime) as the build measured it, with the
-precision hint `model.json` records. It needs neither edgebuild nor torch (torch only for a cascade whose
-big model takes another input size: the resize).
+MLflow copies this file into the logged model (`code/`) and the deployable folder beside it (`data/`), and
+`mlflow.pyfunc.load_model` imports this module and calls `_load_pyfunc(data path)`: nothing is pickled, and
+the file imports neither mlflow nor edgebuild, so it also runs on its own (`Deployable(deploy_dir)`).
+It reads the deployable folder (`model.json` + the IR or ONNX files) and runs it with its runtime (OpenVINO
+or ONNX Runtime) as the build measured it, with the precision hint `model.json` records. It needs no torch
+either (torch only for a cascade whose big model takes another input size: the resize).
 
 `predict(x)`: x is float32 NCHW, preprocessed as `model.json` says (`x = (pixels / scale - mean) / std`;
 the model's signature states the dtype and shape, any batch size). Returns the model's output
@@ -15,7 +16,7 @@ small-model softmax confidence is below the threshold get the big model's logits
 the same pixels at its own input size and with its own preprocessing. Resizing the small model's input is
 not resizing the original image: with two input sizes the pyfunc's big-model input is an approximation of
 what the stage measured; with one size it is exact.
-Only edgebuild/tracking logs it; no edgebuild module imports this file.
+Only edgebuild/tracking logs it; no edgebuild module imports this file (its name is the loader module's).
 """
 
 from __future__ import annotations
@@ -24,16 +25,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
 import numpy as np
-from mlflow.models import set_model
 
 HINTS = {"f32": "f32", "fp32": "f32", "bf16": "bf16", "f16": "f16", "fp16": "f16"}
 
 
-class Deployable(mlflow.pyfunc.PythonModel):
-    def load_context(self, context: Any) -> None:
-        self.root = Path(context.artifacts["deploy"])
+class Deployable:
+    def __init__(self, root: Path):
+        self.root = Path(root)
         self.spec = json.loads((self.root / "model.json").read_text())
         self.small = Runner(self.root / self.spec["files"][0], self.spec)
         self.output_names = self.small.output_names
@@ -43,7 +42,7 @@ class Deployable(mlflow.pyfunc.PythonModel):
             self.big = Runner(self.root / self.cascade["big_model"], big_spec)
 
     # np.ndarray: a hint MLflow infers no schema from (the logged tensor signature validates the input)
-    def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> Any:
+    def predict(self, model_input: np.ndarray, params: dict[str, Any] | None = None) -> Any:
         if isinstance(model_input, dict):  # the signature names the input: MLflow passes {"input": x}
             (model_input,) = model_input.values()
         x = np.ascontiguousarray(model_input, dtype=np.float32)
@@ -134,4 +133,6 @@ class Runner:
         return self._compiled[batch]
 
 
-set_model(Deployable())
+def _load_pyfunc(data_path: str) -> Deployable:
+    """MLflow's loader-module entry point: the deployable folder MLflow copied into the model."""
+    return Deployable(Path(data_path))
