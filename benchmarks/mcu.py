@@ -4,11 +4,11 @@
   (memory/estimate_arena_bytes, memory/estimate_flash_bytes) and the estimates' error;
 - held-out top-1 of the same deployed .tflite by TFLite Micro's interpreter and by LiteRT's, through
   evaluate.quality (the pipeline's scoring path), and the difference in pp (target: within 0.5 pp);
-- the same .tflite compiled by Vela for target=ethos_u55 (ethos-u55-128 at 500 MHz): cycles, inferences/s,
-  SRAM, flash, NPU share;
+- the same .tflite compiled by Vela for target=ethos_u55 (ethos-u55-128 at 500 MHz) and ethos_u65
+  (ethos-u65-256 at 1 GHz), full builds through the pipeline: cycles, inferences/s, SRAM, flash, NPU share;
 - the per-stage table of each build (summary.table_rows: the seed recipes' prune and quantize steps).
 
-    python benchmarks/mcu.py [--recipes tiny_mcu mcu_20kb mcu_1mb] [--cache DIR]
+    python benchmarks/mcu.py [--recipes tiny_mcu mcu_20kb mcu_1mb] [--npu-targets ethos_u55 ethos_u65] [--cache DIR]
 
 Builds in-process with tracking off and one stage cache (default: a temporary folder), so the ethos_u55 build
 reuses the mcu build's stages: Vela compiles the very .tflite TFLM measured.
@@ -46,8 +46,8 @@ def top1_by(runtime_name: str, summary: dict[str, Any], recipe: str, cache: Path
     """Held-out top-1 of the build's deployed .tflite on `runtime_name`, by evaluate.quality."""
     from edgebuild import evaluate, testing
     from edgebuild.artifact import read_deploy_folder
-    from edgebuild.tasks import make_task
     from edgebuild.targets import make_target
+    from edgebuild.tasks import make_task
 
     cfg = testing.compose([f"cache.dir={cache}", "tracking=none"], recipe)
     task = make_task(cfg.task)
@@ -62,6 +62,7 @@ def top1_by(runtime_name: str, summary: dict[str, Any], recipe: str, cache: Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="+", default=["tiny_mcu", "mcu_20kb", "mcu_1mb"])
+    parser.add_argument("--npu-targets", nargs="+", default=["ethos_u55", "ethos_u65"])
     parser.add_argument("--cache", type=Path, default=None)
     args = parser.parse_args()
     from edgebuild import summary as summaries
@@ -74,8 +75,7 @@ def main() -> None:
         rows, npu_rows, tables = [], [], []
         for recipe in args.recipes:
             mcu = build(recipe, [], cache, run)
-            u55 = build(recipe, ["target=ethos_u55"], cache, run)
-            m, e = mcu["stages"][-1]["metrics"], u55["stages"][-1]["metrics"]
+            m = mcu["stages"][-1]["metrics"]
             tflm, lite = top1_by("tflm", mcu, recipe, cache), top1_by("litert", mcu, recipe, cache)
             arena, est_arena = m["memory/arena_bytes"], m["memory/estimate_arena_bytes"]
             flash, est_flash = m["memory/flash_bytes"], m["memory/estimate_flash_bytes"]
@@ -84,10 +84,15 @@ def main() -> None:
                          f"{(est_flash - flash) / flash:+.0%}", f"{m['memory/peak_ram_bytes']:,}",
                          f"{tflm:.2%}", f"{lite:.2%}", f"{(tflm - lite) * 100:+.2f}",
                          "met" if mcu["budget"]["ok"] else "VIOLATED"])
-            npu_rows.append([recipe, f"{e['ethos_u/cycles']:,.0f}", f"{e['latency/estimate_ms'] * 1000:.2f}",
-                             f"{e['ethos_u/inferences_per_s']:,.0f}", f"{e['ethos_u/sram_bytes']:,.0f}",
-                             f"{e['ethos_u/flash_bytes']:,.0f}", f"{e['ethos_u/npu_ops_fraction']:.0%}",
-                             e.get("ethos_u/cpu_ops") or "-", f"{m['latency/estimate_ms'] * 1000:.1f}"])
+            for npu in args.npu_targets:
+                built = build(recipe, [f"target={npu}"], cache, run)
+                e = built["stages"][-1]["metrics"]
+                npu_rows.append([recipe, f"{npu} ({e['ethos_u/accelerator']} @ {e['ethos_u/clock_hz'] / 1e6:g} MHz)",
+                                 f"{e['ethos_u/cycles']:,.0f}", f"{e['latency/estimate_ms'] * 1000:.2f}",
+                                 f"{e['ethos_u/inferences_per_s']:,.0f}", f"{e['ethos_u/sram_bytes']:,.0f}",
+                                 f"{e['ethos_u/flash_bytes']:,.0f}", f"{e['ethos_u/npu_ops_fraction']:.0%}",
+                                 e.get("ethos_u/cpu_ops") or "-", f"{m['latency/estimate_ms'] * 1000:.1f}",
+                                 "met" if built["budget"]["ok"] else "VIOLATED"])
             checks = [f"{c['budget']} {c['metric']} {summaries.format_value(c['value'], '{:.4g}')} {c['op']} "
                       f"{c['limit']:.4g}: {'ok' if c['ok'] else 'VIOLATED'}" for c in mcu["budget"]["checks"]]
             tables.append((recipe, summaries.table_rows(mcu), checks))
@@ -102,9 +107,9 @@ def main() -> None:
     print(md(["recipe", "flatbuffer B", "arena B (TFLM)", "arena B (est.)", "est. error", "flash B (TFLM)",
               "flash B (est.)", "est. error", "peak RAM B", "top-1 TFLM", "top-1 LiteRT", "diff pp", "budget"],
              rows))
-    print("\nEthos-U55-128 @ 500 MHz (Vela 5.2, Ethos_U55_High_End_Embedded, Shared_Sram), same .tflite\n")
-    print(md(["recipe", "cycles", "us/inf", "inf/s", "SRAM B", "flash B", "NPU ops", "CPU fallbacks",
-              "Cortex-M7 est. us"], npu_rows))
+    print("\nEthos-U by Vela 5.2 (conf/target/ethos_u*.yaml), the same .tflite as the mcu build's\n")
+    print(md(["recipe", "target", "cycles", "us/inf", "inf/s", "SRAM B", "flash B", "NPU ops", "CPU fallbacks",
+              "Cortex-M7 est. us", "budget"], npu_rows))
     for recipe, (header, body), checks in tables:
         print(f"\nper-stage table, recipe={recipe} (target=mcu)\n")
         print(md(header, body))

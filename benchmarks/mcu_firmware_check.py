@@ -71,8 +71,8 @@ def main() -> None:
         includes = [f"-I{deploy}", f"-I{args.tflm}", f"-I{args.flatbuffers}", f"-I{args.gemmlowp}"]
         steps = [("main.cc: model_ops.h + model_data.h + MicroInterpreter", [compiler, "-std=c++17", "-fsyntax-only",
                   "-Wall", *includes, str(Path(tmp) / "main.cc")]),
-                 ("model_data.cc -> object", [compiler, "-std=c++17", "-c", "-Wall", *includes, str(deploy / "model_data.cc"),
-                  "-o", str(Path(tmp) / "model_data.o")])]
+                 ("model_data.cc -> object", [compiler, "-std=c++17", "-c", "-Wall", *includes,
+                  str(deploy / "model_data.cc"), "-o", str(Path(tmp) / "model_data.o")])]
         rows = []
         for name, cmd in steps:
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -81,7 +81,8 @@ def main() -> None:
             if proc.returncode:
                 print(proc.stderr[-4000:])
         ops = (deploy / "model_ops.h").read_text().count("resolver.Add")
-    print(f"compiler: {version}; TFLM headers: {args.tflm}; deploy: {'a tiny_mcu build' if not args.deploy else deploy}")
+    where = deploy if args.deploy else "a tiny_mcu build"
+    print(f"compiler: {version}; TFLM headers: {args.tflm}; deploy: {where}")
     print(f"model_ops.h registers {ops} ops\n")
     print("| step | result |\n|---|---|")
     for name, result in rows:
