@@ -2,7 +2,7 @@
 
     python benchmarks/mcu_firmware_check.py --tflm DIR --flatbuffers DIR --gemmlowp DIR [--deploy DIR]
 
-DIR for --tflm: a tflite-micro source tree (github.com/tensorflow/tflite-micro: tensorflow/lite/...,
+DIR for --tflm: a tflite-micro source tree (github.com/tensorflow/tflite-micro: tensorflow/lite/..., signal/...,
 tensorflow/compiler/mlir/lite/...); --flatbuffers: flatbuffers' `include` folder (the version TFLM pins,
 tensorflow/lite/micro/tools/make/flatbuffers_download.sh); --gemmlowp: gemmlowp's root (fixedpoint/). Without
 --deploy, recipe tiny_mcu is built first (1 epoch, synthetic data, tracking off) in a temporary folder.
