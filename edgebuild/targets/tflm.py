@@ -49,6 +49,9 @@ RESOLVER_NAMES = {"BATCH_MATMUL": "BatchMatMul", "LOGISTIC": "Logistic", "L2_NOR
                   "RESIZE_NEAREST_NEIGHBOR": "ResizeNearestNeighbor", "PRELU": "Prelu", "RELU6": "Relu6",
                   "RELU_N1_TO_1": "ReluN1To1", "MIRROR_PAD": "MirrorPad", "PADV2": "PadV2"}
 ARENA_TOTAL = re.compile(r"Arena allocation total (\d+) bytes")
+# the pinned tflite-micro segfaults (instead of failing to allocate) when given an arena of a few hundred bytes
+# (measured: 400 B crashes, 600 B fails cleanly on the digits CNN): the arena search never asks for less
+ARENA_FLOOR = 1024
 
 
 def tflm() -> Any:
@@ -116,9 +119,12 @@ class Micro:
             return None, str(e)
 
     def _smallest(self) -> int:
-        """Bisection over arena_size (16-byte steps): the smallest with which allocation and invoke succeed."""
-        lo, hi = 0, self.search_max
+        """Bisection over arena_size (16-byte steps): the smallest with which allocation and invoke succeed
+        (ARENA_FLOOR when that already works)."""
+        lo, hi = ARENA_FLOOR, self.search_max
         with c_stderr():
+            if self._try(lo)[0] is not None:
+                return lo
             while hi - lo > 16:
                 mid = (lo + hi) // 2
                 ok, _ = self._try(mid)
