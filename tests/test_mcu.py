@@ -94,11 +94,33 @@ def test_tiny_mcu_runs_tflite_micro_writes_firmware_and_fails_a_budget_it_does_n
         testing.build(overrides + ["target.budget.max_ram_bytes=1000"], tmp_path, recipe="tiny_mcu", run_name="small")
     violated = [c["budget"] for c in e.value.args[0]["budget"]["checks"] if not c["ok"]]
     assert violated == ["max_ram_bytes"]
-    npu = testing.build(overrides + ["target=ethos_u55", "target.budget.min_npu_ops_fraction=1.0"], tmp_path,
-                        recipe="tiny_mcu", run_name="u55")
+    # max_latency_ms checks the MCU's latency (the MAC estimate), not TFLM's host p50; the stream's duty cycle
+    # uses the same figure (1 s of video at 10 FPS: the build stays short)
+    with pytest.raises(BudgetExceeded) as e:
+        testing.build(overrides + ["budget.max_latency_ms=0.000001", "eval.stream.enabled=true",
+                                   "eval.stream.seconds=1", "eval.stream.fps=10"], tmp_path, recipe="tiny_mcu",
+                      run_name="slow")
+    slow = e.value.args[0]
+    latency = next(c for c in slow["budget"]["checks"] if c["budget"] == "max_latency_ms")
+    final = slow["stages"][-1]["metrics"]
+    assert latency["metric"] == "latency/estimate_ms" and not latency["ok"]
+    assert final["mcu/macs"] == final["macs"]  # counted in the .tflite: the same as torch's counter on the model
+    assert latency["value"] == pytest.approx(final["mcu/macs"] / 4.8e8 * 1000)  # conf/target/mcu.yaml's rate
+    assert latency["detail"].startswith(f"device latency, estimate: {final['macs']:,} MACs")
+    table = (Path(slow["run_dir"]) / "summary.md").read_text()
+    assert "| max_latency_ms | recipe | latency/estimate_ms |" in table
+    assert "VIOLATED: device latency, estimate" in table
+    assert final["energy/busy_from"].startswith("device: estimate") and final["energy/source"] == "model"
+    assert final["energy/busy_ms"] == pytest.approx(final["latency/estimate_ms"])
+    assert final["energy/mj_per_inference"] == pytest.approx(0.130 * 3.3 * final["latency/estimate_ms"])  # mcu.yaml
+    npu = testing.build(overrides + ["target=ethos_u55", "target.budget.min_npu_ops_fraction=1.0",
+                                     "budget.max_latency_ms=1000"], tmp_path, recipe="tiny_mcu", run_name="u55")
     final = npu["stages"][-1]["metrics"]
     assert final["ethos_u/cycles"] > 0 and final["ethos_u/npu_ops_fraction"] == 1.0 and npu["budget"]["ok"]
     assert final["latency/estimate_ms"] == pytest.approx(final["ethos_u/cycles"] / 500e6 * 1000)
+    latency = next(c for c in npu["budget"]["checks"] if c["budget"] == "max_latency_ms")
+    assert latency["metric"] == "latency/estimate_ms" and latency["value"] == final["latency/estimate_ms"]
+    assert latency["detail"].startswith("device latency, Vela:")
     assert (Path(npu["run_dir"]) / "targets" / "quantize" / "ethos_u_per_operator.csv").exists()
 
 
@@ -115,3 +137,39 @@ def test_int8_targets_refuse_a_float_recipe_and_stages_they_cannot_build_at_plan
     for target in ("mcu", "ethos_u55", "ethos_u65"):
         with pytest.raises(EdgebuildError, match="(?s)INT8 models only.*'train' outputs a fp32.*quantize"):
             plan(testing.compose([f"target={target}", "stages.quantize=null"], recipe="tiny_mcu"))
+
+
+def test_the_latency_limit_checks_the_device_figure_a_runtime_names():
+    """budget.check: max_latency_ms reads the metric named by latency/device_metric (an MCU's estimate, Vela's
+    cycles) where the runtime names one, and the host's latency/p50_ms otherwise."""
+    from types import SimpleNamespace
+
+    from edgebuild.budget import check
+
+    host = {"latency/p50_ms": 0.02, "latency/estimate_ms": 5.0}
+    device = {**host, "latency/device_metric": "latency/estimate_ms", "latency/device_source": "estimate: MACs / rate"}
+    budget = [("recipe", SimpleNamespace(max_latency_ms=1.0))]
+    assert check(host, budget)["ok"] and check(host, budget)["checks"][0]["metric"] == "latency/p50_ms"
+    c = check(device, budget)
+    assert not c["ok"] and c["checks"][0]["metric"] == "latency/estimate_ms" and c["checks"][0]["value"] == 5.0
+    assert c["checks"][0]["detail"] == "device latency, estimate: MACs / rate"
+
+
+def test_duty_cycle_energy_uses_the_device_latency_on_a_hand_computed_example():
+    """edgebuild/stream/energy.py with a device latency: t = 5 ms on the MCU (not the host's 20 ms busy time),
+    r = 100 inferences / 10 s = 10/s, 130 mA run / 1 mA stop at 3.3 V (conf/target/mcu.yaml), 1000 mAh at 3.7 V:
+    P_active = 0.429 W, P_idle = 0.0033 W, D = 10 * 0.005 = 0.05, E = 0.429 * 5 ms = 2.145 mJ,
+    P = 0.05 * 0.429 + 0.95 * 0.0033 = 0.024585 W, h = 3.7 / 0.024585 = 150.50 h. RAPL (this host) is not the
+    headline then: auto keeps the model's figures."""
+    from edgebuild.stream import energy
+
+    active, idle, _ = energy.device_powers({"active_ma": {"int8": 130.0}, "sleep_ma": 1.0, "volts": 3.3}, "int8")
+    stream = {"stream/inferences": 100, "stream/wall_s": 10.0, "stream/busy_ms_per_inference": 20.0}
+    e = energy.for_stream(stream, active, idle, 1000, 3.7, rapl_j=1.0, device=(5.0, "estimate: MACs / rate"))
+    assert e["energy/busy_fraction"] == pytest.approx(0.05) and e["energy/busy_ms"] == 5.0
+    assert e["energy/mj_per_inference"] == pytest.approx(2.145)
+    assert e["energy/avg_power_w"] == pytest.approx(0.024585)
+    assert e["battery/hours"] == pytest.approx(150.50, abs=0.01)
+    assert e["energy/source"] == "model" and e["energy/busy_from"] == "device: estimate: MACs / rate"
+    host = energy.for_stream(stream, active, idle, 1000, 3.7)  # no device latency: the host's busy time
+    assert host["energy/mj_per_inference"] == pytest.approx(0.429 * 20) and host["energy/busy_from"].startswith("host")

@@ -44,7 +44,8 @@ def measure(model: Any, source: Any, cfg: Any, power: tuple[float | None, float 
         metrics["stream/annotated_frames"] = annotate.close()
     metrics.update(quality.stream_quality(result, model, source))
     metrics.update(energy.for_stream(metrics, power[0], power[1], *battery,
-                                     rapl_j=meter.joules() if meter is not None else None, source=energy_source))
+                                     rapl_j=meter.joules() if meter is not None else None, source=energy_source,
+                                     device=energy.device_latency(model.session)))
     if interrupted:
         raise pipeline.Interrupted(result, metrics)
     return metrics, result

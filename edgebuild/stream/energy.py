@@ -14,6 +14,11 @@ Example (tests/test_stream.py checks it): t = 20 ms, r = 10/s, P_active = 2 W, P
 D = 0.2, E = 40 mJ, P = 0.2 * 2 + 0.8 * 0.1 = 0.48 W, h = 3.7 / 0.48 = 7.71 h.
 A microcontroller's spec gives currents at a supply voltage instead: P = mA / 1000 * V.
 
+A runtime whose device is not this machine (an MCU on TFLite Micro, an Ethos-U NPU through Vela) names its device
+latency (`latency/device_metric` in runtime_info, see edgebuild/budget.py): then t is that figure (the MCU's MAC
+estimate, Vela's cycles / clock), not this host's busy time, and `energy/busy_from` says so. RAPL measures this
+host, not that device, so with a device latency `auto` keeps the model's figures as the headline.
+
 Measured where possible: on Linux with readable RAPL counters (/sys/class/powercap/intel-rapl:N/energy_uj, one
 per CPU package; often root-only), `Rapl` reads them before and after the stream. Then (`source` auto or rapl)
 the headline figures are measured on THIS machine's CPU packages, everything running on them included:
@@ -114,19 +119,30 @@ class Rapl:
         return total / 1e6
 
 
+def device_latency(session: Any) -> tuple[float, str] | None:
+    """(ms, where from) of one inference on the runtime's own device, where it names one (else None)."""
+    info = session.runtime_info()
+    value = info.get(str(info.get("latency/device_metric") or ""))
+    return (float(value), str(info.get("latency/device_source") or info["latency/device_metric"])) \
+        if value is not None else None
+
+
 def for_stream(metrics: dict[str, Any], active_w: float | None, idle_w: float | None, battery_mah: float,
-               battery_v: float, rapl_j: float | None = None, source: str = "auto") -> dict[str, Any]:
+               battery_v: float, rapl_j: float | None = None, source: str = "auto",
+               device: tuple[float, str] | None = None) -> dict[str, Any]:
     """`estimate` from a stream's metrics (busy ms per inference, inferences per second of wall time); with
-    `rapl_j` (measured over the stream) and `source` auto|rapl the headline figures are the measured ones."""
+    `rapl_j` (measured over the stream) and `source` auto|rapl the headline figures are the measured ones.
+    `device` (ms, where from; `device_latency`): the busy time per inference on the target's own device."""
     out: dict[str, Any] = {}
     if active_w is not None:
         rate = metrics["stream/inferences"] / metrics["stream/wall_s"]
-        out = estimate(metrics["stream/busy_ms_per_inference"] / 1000.0, rate, float(active_w), float(idle_w or 0.0),
-                       battery_mah, battery_v)
-        out["energy/source"] = "model"
+        busy_ms = device[0] if device else metrics["stream/busy_ms_per_inference"]
+        out = estimate(busy_ms / 1000.0, rate, float(active_w), float(idle_w or 0.0), battery_mah, battery_v)
+        out.update({"energy/source": "model", "energy/busy_ms": busy_ms,
+                    "energy/busy_from": f"device: {device[1]}" if device else "host: stream/busy_ms_per_inference"})
         for k in ("energy/mj_per_inference", "energy/avg_power_w", "battery/hours"):
             out[k.replace("/", "/model_", 1)] = out[k]
-    if rapl_j is not None and source in ("auto", "rapl"):
+    if rapl_j is not None and (source == "rapl" or (source == "auto" and device is None)):
         avg = rapl_j / metrics["stream/wall_s"]
         out.update({"energy/rapl_j": rapl_j, "energy/mj_per_inference": rapl_j * 1000.0 / max(
             1, metrics["stream/inferences"]), "energy/avg_power_w": avg, "energy/rapl_avg_power_w": avg,

@@ -158,6 +158,9 @@ class EthosUSession(TFLMSession):
             "ethos_u/vela_clock_hz": float(s["core_clock"]),
             "ethos_u/cycles": cycles, "ethos_u/npu_cycles": float(s["cycles_npu"]),
             "latency/estimate_ms": cycles / clock * 1000.0, "ethos_u/inferences_per_s": clock / cycles,
+            "latency/device_metric": "latency/estimate_ms",
+            "latency/device_source": f"Vela: {cycles:,.0f} cycles / {clock / 1e6:g} MHz "
+                                     f"({opts['accelerator_config']}, Vela's performance estimate)",
             "ethos_u/sram_bytes": float(s["sram_memory_used"]) * 1024.0,  # Vela reports KiB
             "ethos_u/flash_bytes": float(s["off_chip_flash_memory_used"]) * 1024.0
             + float(s["on_chip_flash_memory_used"]) * 1024.0,

@@ -12,6 +12,10 @@ What it records (Session.runtime_info), read from TFLM itself:
   and output tensors live inside the arena; a sensor frame and a result copy live beside it).
 - the previous release's graph-walk estimates under `memory/estimate_*` (flash, arena, peak RAM), computed
   by edgebuild/targets/mcu.py's walk over this .tflite's op graph, kept beside the real figures for a release.
+- `latency/estimate_ms`: the MCU's latency, ESTIMATED as the MACs counted in the .tflite (`mcu/macs`) / the
+  spec's MAC rate. `latency/p50_ms` is TFLM's reference kernels on the host, not the MCU, so the session names
+  its device figure (`latency/device_metric` = "latency/estimate_ms", `latency/device_source` says how it was
+  got): `max_latency_ms` budgets and the stream's duty-cycle energy read that figure instead of the host's.
 
 The deployable is the same `.tflite` as litert's (format "litert"): a model quantized for target=litert
 deploys here unchanged. A float `.tflite` runs on TFLM's float reference kernels (what a float stage of an
@@ -45,6 +49,9 @@ RESOLVER_NAMES = {"BATCH_MATMUL": "BatchMatMul", "LOGISTIC": "Logistic", "L2_NOR
                   "RESIZE_NEAREST_NEIGHBOR": "ResizeNearestNeighbor", "PRELU": "Prelu", "RELU6": "Relu6",
                   "RELU_N1_TO_1": "ReluN1To1", "MIRROR_PAD": "MirrorPad", "PADV2": "PadV2"}
 ARENA_TOTAL = re.compile(r"Arena allocation total (\d+) bytes")
+# the pinned tflite-micro segfaults (instead of failing to allocate) when given an arena of a few hundred bytes
+# (measured: 400 B crashes, 600 B fails cleanly on the digits CNN): the arena search never asks for less
+ARENA_FLOOR = 1024
 
 
 def tflm() -> Any:
@@ -112,9 +119,12 @@ class Micro:
             return None, str(e)
 
     def _smallest(self) -> int:
-        """Bisection over arena_size (16-byte steps): the smallest with which allocation and invoke succeed."""
-        lo, hi = 0, self.search_max
+        """Bisection over arena_size (16-byte steps): the smallest with which allocation and invoke succeed
+        (ARENA_FLOOR when that already works)."""
+        lo, hi = ARENA_FLOOR, self.search_max
         with c_stderr():
+            if self._try(lo)[0] is not None:
+                return lo
             while hi - lo > 16:
                 mid = (lo + hi) // 2
                 ok, _ = self._try(mid)
@@ -177,6 +187,23 @@ class Micro:
                     "scale": float(scales[0]) if scales else 0.0, "zero_point": int(zeros[0]) if zeros else 0}
 
         return {"input": one(self.input), "output": one(self.output)}
+
+
+def tflite_macs(path: Path) -> int:
+    """MACs of one inference counted from the .tflite's own shapes: conv (kh*kw*in per output element),
+    depthwise conv (kh*kw per output element), fully connected (in features per output element)."""
+    it = interpreter(path)
+    shape = {t["index"]: [int(d) for d in t["shape"]] for t in it.get_tensor_details()}
+    macs = 0
+    for o in it._get_ops_details():
+        op, ins, outs = o["op_name"], [int(i) for i in o["inputs"]], [int(i) for i in o["outputs"]]
+        if op not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED") or len(ins) < 2 or not outs:
+            continue
+        out, weights = int(np.prod(shape[outs[0]])), shape[ins[1]]
+        per_output = {"CONV_2D": int(np.prod(weights[1:])), "DEPTHWISE_CONV_2D": int(np.prod(weights[1:3])),
+                      "FULLY_CONNECTED": weights[-1]}[op]
+        macs += out * per_output
+    return macs
 
 
 def io_bytes(micro: Micro) -> int:
@@ -305,4 +332,18 @@ class TFLMSession(Session):
                 "memory/flash_bytes": flatbuffer + code, "memory/io_bytes": io,
                 "memory/peak_ram_bytes": self.micro.arena_bytes + io,
                 "mcu/ops": ",".join(op_types),
+                **self.device_latency(int8 / len(compute) > 0.5 if compute else False),
                 **estimates(path, self.runtime.options)}
+
+    def device_latency(self, is_int8: bool) -> dict[str, Any]:
+        """The MCU's latency: an estimate (MACs / the spec's MAC rate), named as the device's figure."""
+        spec = self.runtime.cfg.spec
+        rates = dict(spec.peak_macs_per_s or {})
+        rate = rates.get("int8" if is_int8 else "fp32") or rates.get("fp32")
+        macs = tflite_macs(self.artifact.main_file)
+        if not rate or not macs:
+            return {"mcu/macs": macs}
+        return {"mcu/macs": macs, "latency/estimate_ms": macs / float(rate) * 1000.0,
+                "latency/device_metric": "latency/estimate_ms",
+                "latency/device_source": f"estimate: {macs:,} MACs / {float(rate):.3g} MAC/s ({spec.name}), "
+                                         "not measured"}
