@@ -99,12 +99,17 @@ def test_float_layers_auto_reads_each_layers_latency_cost_from_the_runtime_profi
     m = q["metrics"]
     assert m["quantize/float_layers_cost_source"].startswith("openvino per-layer profile on CPU (CPU proxy)")
     rows = json.loads((Path(q["artifact"]) / "sensitivity.json").read_text())
-    costed = [r for r in rows if r["latency_cost_ms"] is not None]
-    assert len(costed) == len(rows)  # every compute layer is an executed node of the profile, by the same name
+    # every convolution is an executed node of the profile under its own name (the classifier's MatMul runs
+    # fused under its bias Add's name: unprofiled, so ranked last among layers recovering as much)
+    convs = [r for r in rows if r["type"] == "Convolution"]
+    assert len(convs) >= 3 and all(r["latency_cost_ms"] is not None for r in convs)
     assert "latency cost ms" in (Path(q["artifact"]) / "sensitivity.md").read_text()
     kept = [r for r in rows if r["kept_in_float"]]
     assert len(kept) == m["quantize/float_layers_auto"]
-    assert m["quantize/float_layers_cost_ms"] == pytest.approx(sum(r["latency_cost_ms"] for r in kept))
+    if all(r["latency_cost_ms"] is not None for r in kept):
+        assert m["quantize/float_layers_cost_ms"] == pytest.approx(sum(r["latency_cost_ms"] for r in kept))
+    else:
+        assert "quantize/float_layers_cost_ms" not in m
     assert m["quantize/calibrate_seconds"] > 0
 
 
