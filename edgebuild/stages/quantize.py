@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -53,7 +54,9 @@ class Quantize(Stage):
     kind: ClassVar[str] = "quantize"
     output_precision: ClassVar[str | None] = "int8"
     needs_float_input: ClassVar[bool] = True
-    version: ClassVar[int] = 2  # 2: the target device's scheme (nncf.TargetDevice), calibration, sensitivity
+    # 2: the target device's scheme (nncf.TargetDevice), calibration, sensitivity; 3: float_layers=auto weighs
+    # each layer's profiled latency cost, the quantization device enters the cache key, calibrate_seconds
+    version: ClassVar[int] = 3
     uses: ClassVar[tuple[str, ...]] = ("data", "task", "calibration", "target_format")
 
     preset: str = "performance"
@@ -123,6 +126,12 @@ class Quantize(Stage):
                 f"use one of: {has}" + (f"; {method!r} is in: {', '.join(others)}" if others else
                                         f"; edgebuild's methods are {', '.join(CALIBRATION_METHODS)}"))
 
+    def cache_inputs(self, cfg: Any) -> dict[str, Any]:
+        """The device whose scheme is applied (CPU, GPU, NPU): target=vpu after target=cpu must requantize."""
+        from edgebuild.targets import runtime_class
+
+        return {"quantization_device": runtime_class(cfg.target)(cfg.target).quantization_device()}
+
     # ------------------------------------------------------------------------------- build
     def run(self, ctx: Any) -> StageResult:
         calibration = ctx.data.calibration()
@@ -153,9 +162,12 @@ class Quantize(Stage):
         if request.max_drop is not None:
             request.validation = [(x, y) for x, y in ctx.data.batches("val", 1)]
             request.score = primary_metric_fn(ctx)
+        started = time.perf_counter()
         result = ctx.target.runtime.quantize(ctx.input, request, ctx.workdir, scratch)
         artifact = result.artifact
-        metrics: dict[str, Any] = {"quantize/calibration_samples": int(len(calibration)),
+        metrics: dict[str, Any] = {"quantize/calibrate_seconds": time.perf_counter() - started,
+                                   "quantize/calibration_samples": int(len(calibration)),
+                                   "quantize/weight_scales": "per_channel" if self.per_channel else "per_tensor",
                                    "quantize/target_device": result.scheme.get("target_device", "unknown"),
                                    "quantize/calibration_method": result.scheme.get("calibration_method", "default")}
         if diagnosis is not None:
@@ -172,7 +184,11 @@ class Quantize(Stage):
                          "sensitivity: no quantizable layer left to rank")
             if auto:
                 metrics.update({"quantize/float_layers_auto": len(diagnosis.chosen),
-                                "quantize/val_mixed": diagnosis.chosen_metric})
+                                "quantize/val_mixed": diagnosis.chosen_metric,
+                                "quantize/float_layers_cost_source": diagnosis.cost_source})
+                cost = sensitivity.chosen_cost_ms(diagnosis)
+                if cost is not None:
+                    metrics["quantize/float_layers_cost_ms"] = cost
                 notes.append(f"float_layers=auto kept {len(diagnosis.chosen)} layer(s) in {precision}"
                              + (f": {', '.join(diagnosis.chosen[:8])}" if diagnosis.chosen else "")
                              + ("" if diagnosis.within else f"; max_drop={self.max_drop} NOT reached even so"))

@@ -10,7 +10,8 @@ import pytest
 
 from edgebuild import report, testing
 from edgebuild.errors import EdgebuildError
-from edgebuild.stages.sensitivity import choose
+from edgebuild.stages.quantize import Quantize
+from edgebuild.stages.sensitivity import choose, order
 from edgebuild.targets import Target
 from edgebuild.targets.openvino import COMPUTE_LAYERS
 from tests.conftest import FAST
@@ -93,6 +94,83 @@ def test_float_layers_auto_meets_max_drop_on_validation(npu):
         assert m["quantize/float_layers_auto"] == 0
 
 
+def test_float_layers_auto_reads_each_layers_latency_cost_from_the_runtime_profile(npu):
+    q = stage(npu, "quantize")
+    m = q["metrics"]
+    assert m["quantize/float_layers_cost_source"].startswith("openvino per-layer profile on CPU (CPU proxy)")
+    rows = json.loads((Path(q["artifact"]) / "sensitivity.json").read_text())
+    # every convolution is an executed node of the profile under its own name (the classifier's MatMul runs
+    # fused under its bias Add's name: unprofiled, so ranked last among layers recovering as much)
+    convs = [r for r in rows if r["type"] == "Convolution"]
+    assert len(convs) >= 3 and all(r["latency_cost_ms"] is not None for r in convs)
+    assert "latency cost ms" in (Path(q["artifact"]) / "sensitivity.md").read_text()
+    kept = [r for r in rows if r["kept_in_float"]]
+    assert len(kept) == m["quantize/float_layers_auto"]
+    if all(r["latency_cost_ms"] is not None for r in kept):
+        assert m["quantize/float_layers_cost_ms"] == pytest.approx(sum(r["latency_cost_ms"] for r in kept))
+    else:
+        assert "quantize/float_layers_cost_ms" not in m
+    assert m["quantize/calibrate_seconds"] > 0
+
+
+def test_greedy_choice_prefers_the_cheaper_of_layers_that_recover_about_as_much():
+    """Within max_drop / 2 of the best recovery left, the layer with the smaller profiled cost goes first."""
+    rows = [{"layer": "a", "sqnr_db": 5.0, "recovered": 0.05, "metric_float_kept": 0.85, "latency_cost_ms": 1.0},
+            {"layer": "b", "sqnr_db": 6.0, "recovered": 0.045, "metric_float_kept": 0.845, "latency_cost_ms": 0.1},
+            {"layer": "c", "sqnr_db": 7.0, "recovered": 0.01, "metric_float_kept": 0.81, "latency_cost_ms": 0.0},
+            {"layer": "d", "sqnr_db": 9.0, "recovered": None, "metric_float_kept": None, "latency_cost_ms": 0.0}]
+    assert order(rows, 0.01) == ["b", "a", "c", "d"]  # c (0.0 ms) is not near a's 0.05: recovery first
+    assert order(rows, 0.0) == ["a", "b", "c", "d"]
+    assert choose(rows, 0.90, 0.80, 0.06, lambda layers: pytest.fail("single rows suffice")) == (["b"], 0.845, True)
+    unprofiled = [{**r, "latency_cost_ms": None} for r in rows]  # no profile: recovery alone, as before
+    assert choose(unprofiled, 0.90, 0.80, 0.06, lambda layers: pytest.fail("no")) == (["a"], 0.85, True)
+
+
+def weight_scale_sizes(folder: Path, target: str) -> list[int]:
+    """Elements of each INT8 weight tensor's scale: 1 per tensor, out-channels per channel."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    if target == "onnxruntime":  # QDQ: DequantizeLinear(int8 weight initializer, scale initializer, zero point)
+        graph = onnx.load(str(folder / "model.onnx")).graph
+        init = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        return [init[n.input[1]].size for n in graph.node if n.op_type == "DequantizeLinear"
+                and n.input[0] in init and init[n.input[0]].dtype == np.int8]
+    model = ov.Core().read_model(str(folder / "model.xml"))  # NNCF: int8 Constant -> Convert -> (Subtract) -> Multiply
+
+    def int8_constant(node):
+        while node.get_type_name() in ("Convert", "Subtract"):
+            node = node.input_value(0).get_node()
+        return node.get_type_name() == "Constant" and node.get_output_element_type(0).get_type_name() in ("i8", "u8")
+
+    sizes = []
+    for op in model.get_ops():
+        if op.get_type_name() == "Multiply":
+            a, b = (op.input_value(i).get_node() for i in range(2))
+            if int8_constant(a) and b.get_type_name() == "Constant":
+                sizes.append(int(np.prod(list(b.get_output_shape(0)))))
+    return sizes
+
+
+@pytest.mark.parametrize("target", ["cpu", "onnxruntime"])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_per_channel_or_per_tensor_weight_scales_on_both_runtimes(cache, target, per_channel):
+    s = testing.build(quick(cache, f"target={target}", "+stages.quantize={kind: quantize, per_channel: "
+                                   f"{str(per_channel).lower()}}}"), cache, run_name=f"scales_{target}_{per_channel}")
+    q = stage(s, "quantize")
+    assert q["metrics"]["quantize/weight_scales"] == ("per_channel" if per_channel else "per_tensor")
+    sizes = weight_scale_sizes(Path(q["artifact"]), target)
+    assert len(sizes) >= 3  # every conv and the classifier have INT8 weights
+    assert (max(sizes) > 1) == per_channel and (min(sizes) > 1) == per_channel
+
+
+def test_the_quantization_device_enters_the_cache_key():
+    """target=vpu after target=cpu (same IR format) must requantize with the NPU's scheme, not hit the cache."""
+    keys = {t: Quantize().cache_inputs(testing.compose([f"target={t}"])) for t in ("cpu", "vpu", "gpu")}
+    assert [k["quantization_device"] for k in keys.values()] == ["CPU", "NPU", "GPU"]
+
+
 def test_sensitivity_is_an_mlflow_artifact_and_a_report_section(npu, cache, tmp_path):
     uri = f"sqlite:///{cache}/mlflow.db"
     assert report.main(["--uri", uri, "--run", npu["mlflow_run_id"], "--out", str(tmp_path)]) == 0
@@ -134,6 +212,7 @@ def test_onnxruntime_sensitivity_and_calibration_method(cache):
     graph = onnx.load(str(Path(stage(s, "train")["deployable"]) / "model.onnx")).graph
     assert {r["layer"] for r in rows} == {n.name for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}
     assert all(math.isfinite(r["sqnr_db"]) for r in rows) and rows[0]["metric_drop"] is not None
+    assert all(r["latency_cost_ms"] is None for r in rows)  # ONNX Runtime has no per-layer profile here
 
 
 @pytest.mark.parametrize("target,device", [("cpu", "CPU"), ("gpu", "GPU"), ("vpu", "NPU"), ("mcu", "CPU"),
