@@ -195,8 +195,8 @@ def tflite_macs(path: Path) -> int:
     it = interpreter(path)
     shape = {t["index"]: [int(d) for d in t["shape"]] for t in it.get_tensor_details()}
     macs = 0
-    for o in it._get_ops_details():
-        op, ins, outs = o["op_name"], [int(i) for i in o["inputs"]], [int(i) for i in o["outputs"]]
+    for o in graph(path):
+        op, ins, outs = o["op_name"], o["inputs"], o["outputs"]
         if op not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED") or len(ins) < 2 or not outs:
             continue
         out, weights = int(np.prod(shape[outs[0]])), shape[ins[1]]

@@ -4,7 +4,8 @@ One parent run per build, one nested run per stage (cache hits included, tagged 
 for a stage's sub-steps. Every run ends FINISHED, FAILED or KILLED (Ctrl-C), never RUNNING.
 The parent run also carries the final stage's metrics, the data as its dataset input (digest = the
 data fingerprint, on every stage run too) and the final deployable as an MLflow logged model: a pyfunc
-with a plain-Python loader module (edgebuild/tracking/edgebuild_pyfunc.py, nothing pickled), optionally registered (`tracking.register`).
+with a plain-Python loader module (edgebuild/tracking/edgebuild_pyfunc.py, nothing pickled), optionally
+registered (`tracking.register`).
 """
 
 from __future__ import annotations
