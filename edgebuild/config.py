@@ -176,7 +176,8 @@ class BudgetConf:
     max_acc_drop: float | None = bounded(None, ge=-100, le=100)  # percentage points vs the first measured stage
     min_map: float | None = bounded(None, ge=0, le=1)
     max_map_drop: float | None = bounded(None, ge=-100, le=100)  # points (x100) of map/50_95 vs the first stage
-    max_latency_ms: float | None = bounded(None, gt=0)  # latency/p50_ms
+    # latency/p50_ms, or the device latency the runtime names (latency/device_metric: Ethos-U, TFLM)
+    max_latency_ms: float | None = bounded(None, gt=0)
     max_size_bytes: int | None = bounded(None, gt=0)
     max_zip_bytes: int | None = bounded(None, gt=0)
     max_macs: int | None = bounded(None, gt=0)
