@@ -200,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         c = json.loads((cascade_dir.parent / "summary.json").read_text())["stages"][-1]["metrics"]
         print(f"\n## 3. cascade (recipe=cascade, shrunk: {' '.join(CASCADE)}), streamed by its build over "
               f"its held-out images at {c['stream/offered_fps']:g} FPS offered")
-        print("| threshold | frames processed / dropped | escalated (stream) | escalated (stage, offline) | top-1 stream "
-              "| top-1 stage | e2e p50 / p90 ms | e2e p50 small / escalated ms | small ms | big ms per escalation |")
+        print("| threshold | frames processed / dropped | escalated (stream) | escalated (stage, offline) | "
+              "top-1 stream | top-1 stage | e2e p50 / p90 ms | e2e p50 small / escalated ms | small ms | "
+              "big ms per escalation |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         print(f"| {c['stream/cascade_threshold']:g} | {c['stream/processed_frames']} / {c['stream/dropped_frames']} | "
               f"{c['stream/cascade_escalated']:.1%} | {c['cascade/escalated']:.1%} | {c['stream/acc_top1']:.3f} | "

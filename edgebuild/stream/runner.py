@@ -12,8 +12,9 @@ same detections: grey by ITU-R 601 weights in PIL's fixed-point arithmetic, resi
 bilinear filter (antialiased) when Pillow is installed; without Pillow by FFmpeg's swscale (bilinear), which can
 differ from PIL by a few grey levels at edges (said on stderr). Then model.json's
 `x = (pixels / scale - mean) / std`; detection boxes are scaled back to the frame's pixels. `--out` writes one JSON
-line per processed frame: index, boxes, scores, labels (detection) or label, score (classification). Prints processed FPS, dropped frames and end-to-end p50/p90
-(capture -> result). Exit 0; 2 for bad input (one line on stderr); 130 on Ctrl-C.
+line per processed frame: index, boxes, scores, labels (detection) or label, score (classification). Prints
+processed FPS, dropped frames and end-to-end p50/p90 (capture -> result). Exit 0; 2 for bad input (one line on
+stderr); 130 on Ctrl-C.
 """
 
 from __future__ import annotations
