@@ -24,7 +24,7 @@ SMALL = ["data.num_samples=200", "data.image_size=96", "model.kwargs.width=8", "
          "stages.train.optimizer.lr=0.01", "data.batch_size=16", "budget.min_map=null", "budget.max_map_drop=null",
          "stages.quantize=null", "eval.stream.enabled=true", "eval.stream.seconds=1",
          "budget.min_fps=100000", "budget.max_e2e_latency_ms=1e9"]  # one stream budget no stream meets, one met
-SWSCALE_MEAN_LEVELS = 3.0  # bound on |swscale - PIL| (grey levels, mean over a resized frame); measured below
+SWSCALE_MEAN_LEVELS = 1.0  # |swscale - PIL|, grey levels, mean over a 128x112 -> 96x80 frame (measured 0.2-0.3, max 2)
 ACCEPTANCE_KEYS = ["stream/fps", "stream/offered_fps", "stream/dropped_frames", "stream/e2e_p50_ms",
                    "stream/e2e_p90_ms", "energy/mj_per_inference", "battery/hours"]
 
