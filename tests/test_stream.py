@@ -24,6 +24,7 @@ SMALL = ["data.num_samples=200", "data.image_size=96", "model.kwargs.width=8", "
          "stages.train.optimizer.lr=0.01", "data.batch_size=16", "budget.min_map=null", "budget.max_map_drop=null",
          "stages.quantize=null", "eval.stream.enabled=true", "eval.stream.seconds=1",
          "budget.min_fps=100000", "budget.max_e2e_latency_ms=1e9"]  # one stream budget no stream meets, one met
+SWSCALE_MEAN_LEVELS = 1.0  # |swscale - PIL|, grey levels, mean over a 128x112 -> 96x80 frame (measured 0.2-0.3, max 2)
 ACCEPTANCE_KEYS = ["stream/fps", "stream/offered_fps", "stream/dropped_frames", "stream/e2e_p50_ms",
                    "stream/e2e_p90_ms", "energy/mj_per_inference", "battery/hours"]
 
@@ -129,6 +130,49 @@ def test_moving_shapes_video_is_seeded_exact_and_moves():
     assert 0 <= x1 < x2 <= 96 and 0 <= y1 < y2 <= 96
 
 
+def test_still_periods_hold_the_scene_and_are_seeded():
+    v = ShapesVideo(96, 96, seed=3, still=0.5, slow=0.2)
+    speeds = [v.speed(i) for i in range(600)]
+    assert set(speeds) <= {0.0, ShapesVideo.SLOW_SPEED, 1.0} and {0.0, 1.0} <= set(speeds)
+    assert 0.2 < speeds.count(0.0) / 600 < 0.8  # expected 0.5, over ~20 seeded segments
+    again = ShapesVideo(96, 96, seed=3, still=0.5, slow=0.2)
+    np.testing.assert_array_equal(again.frame(400).pixels, v.frame(400).pixels)  # any order: the same frame
+    i = speeds.index(0.0)  # a still step: the next frame has the same boxes, only the noise differs
+    a, b = v.frame(i), v.frame(i + 1)
+    np.testing.assert_array_equal(a.truth["boxes"], b.truth["boxes"])
+    assert not np.array_equal(a.pixels, b.pixels)
+    moving = ShapesVideo(96, 96, seed=3)  # the default: every frame moves, the clock is the frame index
+    assert moving.scene_time(7) == 7 and moving.describe().endswith("seed 3")
+    with pytest.raises(EdgebuildError, match="still"):
+        ShapesVideo(96, 96, still=0.7, slow=0.4)
+
+
+def test_reuse_compares_block_means_so_sensor_noise_reads_as_still(model):
+    frozen = ShapesVideo(model.width, model.height, seed=1, still=1.0)  # nothing moves; new noise every frame
+    frames = [frozen.frame(i) for i in range(12)]
+    sampled = np.abs(frames[1].pixels[::8, ::8].astype(float) - frames[0].pixels[::8, ::8]).mean() / 255
+    assert sampled > 0.02  # every 8th pixel: the noise alone exceeds the threshold
+    m, _ = stream(model, MemorySource(frames), policy="block", reuse_threshold=0.02)
+    assert m["stream/inferences"] == 1 and m["stream/reused_frames"] == 11
+
+
+def test_busy_time_is_the_union_of_the_frames_work_intervals():
+    assert pipeline.union_seconds([(0, 2), (1, 3), (5, 6)]) == 4
+    assert pipeline.union_seconds([(0, 1), (0.2, 0.5)]) == 1 and pipeline.union_seconds([]) == 0
+    # two async requests overlapping by 20 ms: 30 ms of work each, 40 ms busy in all
+    times = {"decode": 0.001, "preprocess": 0.005, "inference": 0.020, "postprocess": 0.005}
+    records = [pipeline.Record(i, t0 - 0.002, t0 + 0.030, times, False, {}, None, (8, 8), (t0, t0 + 0.030))
+               for i, t0 in enumerate((0.0, 0.010))]
+    ring = pipeline.Ring(2, "block")
+    m = pipeline.summarize(records, ring, [-0.002, 0.008], pipeline.StreamConfig(fps=100.0, frames=2, requests=2),
+                           cpu=0.05, wall=0.05, t_start=None, model=type("M", (), {"load_ms": 1.0})())
+    assert m["stream/work_ms_per_inference"] == pytest.approx(30.0)
+    assert m["stream/busy_ms_per_inference"] == pytest.approx(20.0)  # 40 ms / 2 inferences, not 30
+    e = energy.for_stream(m, 2.0, 0.1, 1000, 3.7)
+    assert e["energy/mj_per_inference"] == pytest.approx(40.0)  # 2 W x 20 ms
+    assert e["energy/busy_fraction"] == pytest.approx(0.8)  # 2 inferences / 0.05 s x 20 ms
+
+
 def test_energy_arithmetic_matches_a_hand_computed_example():
     e = energy.estimate(busy_s=0.020, inferences_per_s=10, active_w=2.0, idle_w=0.1, battery_mah=1000, battery_v=3.7)
     assert e["energy/busy_fraction"] == pytest.approx(0.2)
@@ -175,6 +219,9 @@ def test_folder_source_streams_every_file_and_resizes(model, tmp_path):
     pytest.param(["{deploy}", "--fps", "0"], "--fps", id="fps-zero"),
     pytest.param(["{deploy}", "--fps", "-5"], "--fps", id="fps-negative"),
     pytest.param(["{deploy}", "--depth", "0"], "ring depth", id="ring-depth-0"),
+    pytest.param(["{deploy}", "--still", "1.5"], "--still", id="still-above-1"),
+    pytest.param(["{deploy}", "--still", "0.6", "--slow", "0.6"], "summing to at most 1", id="still-plus-slow"),
+    pytest.param(["{deploy}", "--still", "0.5", "--source", "{corrupt}"], "generated video", id="still-on-a-file"),
 ], )
 def test_bad_input_is_exit_2_with_one_message(built, tmp_path, capsys, args, says):
     bad = tmp_path / "bad"
@@ -253,6 +300,10 @@ def test_async_requests_give_the_offline_results_in_order(model):
         offline = model.postprocess(model.infer(model.preprocess(f.pixels)), (model.width, model.height))
         for k in ("boxes", "scores", "labels"):
             np.testing.assert_array_equal(r.result[k], offline[k])
+    # busy time counts the overlap of in-flight requests once: never more than the summed work, nor the wall time
+    busy = m["stream/busy_ms_per_inference"] * m["stream/inferences"] / 1000
+    assert busy <= m["stream/work_ms_per_inference"] * m["stream/inferences"] / 1000 + 1e-9
+    assert busy <= m["stream/wall_s"]
     # reuse with async: the reused frames take the result of the last inferred frame before them
     m, result = stream(model, MemorySource(frames), policy="block", requests=3, reuse_threshold=1.0)
     assert m["stream/inferences"] == 1 and all(r.result is result.records[0].result for r in result.records)
@@ -321,9 +372,44 @@ def test_standalone_runner_reproduces_the_streams_detections(built, model, tmp_p
         np.testing.assert_array_equal(np.asarray(x["labels"]), r.result["labels"])
         np.testing.assert_allclose(np.asarray(x["boxes"]).reshape(-1, 4), r.result["boxes"], atol=1e-4)
         np.testing.assert_allclose(np.asarray(x["scores"]), r.result["scores"], atol=1e-5)
+    # frames of another size: the runner resizes as the stream does (PIL) and gives boxes in the frame's pixels
+    big = tmp_path / "big"
+    big.mkdir()
+    video = ShapesVideo(128, 112, seed=4)
+    for i in range(4):
+        Image.fromarray(video.frame(i).pixels).save(big / f"f{i:03d}.png")
+    _, result = stream(model, FolderSource(big), policy="block")
+    out = tmp_path / "big.jsonl"
+    p = subprocess.run([sys.executable, "-I", str(deploy / "stream.py"), str(deploy), "--source", str(big),
+                        "--out", str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert p.returncode == 0, p.stderr
+    for x, r in zip([json.loads(x) for x in out.read_text().splitlines()], result.records, strict=True):
+        np.testing.assert_array_equal(np.asarray(x["labels"]), r.result["labels"])
+        np.testing.assert_allclose(np.asarray(x["boxes"]).reshape(-1, 4), r.result["boxes"], atol=1e-3)
     bad = subprocess.run([sys.executable, "-I", str(deploy / "stream.py"), str(deploy), "--source",
                           str(tmp_path / "nope.mp4")], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "does not exist" in bad.stderr
+
+
+def test_runner_converts_frames_as_the_stream_does(model):
+    from PIL import Image
+
+    from edgebuild.stream import runner
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(runner.grey(rgb)[..., 0], np.asarray(Image.fromarray(rgb).convert("L")))
+    frame = ShapesVideo(128, 112, seed=2).frame(0).pixels
+    for channels in (1, 3):
+        stream_way = runner.converter(channels, 96, 80, use_pil=True)
+        assert stream_way.by == "PIL"
+        ref = np.asarray(Image.fromarray(frame).convert("L") if channels == 1 else Image.fromarray(frame))
+        ref = np.asarray(Image.fromarray(ref).resize((96, 80), Image.BILINEAR)).reshape(80, 96, -1)
+        np.testing.assert_array_equal(stream_way(frame), ref)
+        # without Pillow: swscale's bilinear, within a few grey levels of PIL's on average
+        fallback = runner.converter(channels, 96, 80, use_pil=False)(frame)
+        assert fallback.shape == ref.shape
+        assert np.abs(fallback.astype(int) - ref).mean() < SWSCALE_MEAN_LEVELS
 
 
 # ------------------------------------------------------------------ soak and Ctrl-C

@@ -66,6 +66,11 @@ class Cascade(Stage):
             ref = getattr(self, role)
             if ref and is_path(ref):
                 read_deploy_folder(ref, f"cascade {role}=")
+        stream = cfg.get("eval", {}).get("stream", {})
+        if stream.get("enabled") and int(stream.get("requests", 1)) > 1:  # edgebuild/stream/model.py CascadeModel
+            raise EdgebuildError(f"eval.stream.requests={stream.get('requests')}: a cascade streams synchronously (its "
+                                 "big model runs after the small one, on the same frame)",
+                                 "set eval.stream.requests=1 for a cascade build")
 
     def params(self) -> dict[str, Any]:
         p = super().params()
@@ -174,14 +179,20 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
+def escalates(small_logits: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """The rule, shared by the curve and the stream (edgebuild/stream/model.py): (escalate to the big model,
+    the small model's top-1 softmax confidence in float64) per row."""
+    confidence = softmax(np.asarray(small_logits, np.float64)).max(axis=1)
+    return confidence < threshold, confidence
+
+
 def cascade_curve(small_logits: np.ndarray, big_logits: np.ndarray, labels: np.ndarray, thresholds: list[float],
                   small_ms: float, big_ms: float) -> list[dict[str, float]]:
     """Per threshold: accuracy, fraction escalated, expected latency = small + fraction x big."""
-    confidence = softmax(small_logits.astype(np.float64)).max(axis=1)
     small_pred, big_pred = small_logits.argmax(1), big_logits.argmax(1)
     curve = []
     for t in sorted(thresholds):
-        escalate = confidence < t
+        escalate, _ = escalates(small_logits, t)
         pred = np.where(escalate, big_pred, small_pred)
         frac = float(escalate.mean())
         curve.append({"threshold": float(t), "accuracy": float((pred == labels).mean()), "escalated": frac,

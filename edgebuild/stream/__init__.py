@@ -43,6 +43,8 @@ def measure(model: Any, source: Any, cfg: Any, power: tuple[float | None, float 
     if annotate is not None:
         metrics["stream/annotated_frames"] = annotate.close()
     metrics.update(quality.stream_quality(result, model, source))
+    if hasattr(model, "stream_metrics"):  # a cascade: escalation rate, small vs escalated latency
+        metrics.update(model.stream_metrics(result.records))
     metrics.update(energy.for_stream(metrics, power[0], power[1], *battery,
                                      rapl_j=meter.joules() if meter is not None else None, source=energy_source,
                                      device=energy.device_latency(model.session)))
@@ -67,8 +69,15 @@ def maybe_run(deployable: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
     t_start = time.perf_counter()
     model = for_build(deployable, ctx)
     frames = max(1, round(c.fps * c.seconds))
-    source = ShapesVideo(model.width, model.height, num_classes=len(model.class_names or []) or 3, seed=c.seed,
-                         frames=frames)
+    if model.is_detection:
+        source = ShapesVideo(model.width, model.height, num_classes=len(model.class_names or []) or 3, seed=c.seed,
+                             frames=frames)
+    else:  # a classifier (a cascade too) streams the build's held-out images, labelled, at the data's size
+        from edgebuild.stream.sources import labelled_frames
+
+        split = ctx.data.splits[ctx.cfg.eval.split]
+        source = labelled_frames(split.images, split.labels, frames, f"held-out images ({ctx.cfg.eval.split} split, "
+                                 "cycled)")
     cfg = StreamConfig(fps=float(c.fps), frames=frames, depth=int(c.depth), policy=str(c.policy),
                        reuse_threshold=float(c.reuse_threshold), requests=int(c.requests))
     power = OmegaConf.to_container(ctx.target.cfg.spec.power, resolve=True)
@@ -79,6 +88,8 @@ def maybe_run(deployable: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
     notes = [f"stream: {source.describe()} at {c.fps:g} FPS offered, {metrics['stream/fps']:.1f} processed, "
              f"{metrics['stream/dropped_frames']} dropped ({c.policy}, ring {c.depth}), e2e p50 "
              f"{metrics['stream/e2e_p50_ms']:.1f} ms"] + result.notes
+    if "stream/cascade_escalated" in metrics:
+        notes.append(cascade_note(metrics))
     if metrics.get("energy/source") == "rapl":
         notes.append(f"stream energy MEASURED by RAPL on this machine's CPU packages: "
                      f"{metrics['energy/mj_per_inference']:.2f} mJ/inference, battery {metrics['battery/hours']:.1f} h "
@@ -88,3 +99,10 @@ def maybe_run(deployable: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
         notes.append(f"stream energy (estimate from spec.power, {precision}): "
                      f"{metrics['energy/mj_per_inference']:.2f} mJ/inference, battery {metrics['battery/hours']:.1f} h")
     return metrics, notes
+
+
+def cascade_note(m: dict[str, Any]) -> str:
+    return (f"stream cascade at threshold {m['stream/cascade_threshold']:g}: {m['stream/cascade_escalated']:.0%} "
+            f"of the inferred frames escalated to the big model ({m['stream/cascade_escalated_frames']}); e2e p50 "
+            f"{m['stream/cascade_e2e_p50_small_ms']:.2f} ms answered by the small model, "
+            f"{m['stream/cascade_e2e_p50_escalated_ms']:.2f} ms escalated")

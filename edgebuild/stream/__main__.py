@@ -42,6 +42,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "absolute difference from the last inferred frame is below this fraction of 255 (0: off)")
     p.add_argument("--size", default=None, help="WxH of the generated video (default: the model's input size)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated video")
+    p.add_argument("--still", type=float, default=0.0, help="generated video: expected fraction of the time the "
+                   "scene holds still (seeded segments of 15-45 frames; a fixed camera's quiet stretches; default 0)")
+    p.add_argument("--slow", type=float, default=0.0, help="generated video: expected fraction of the time in slow "
+                   "motion (1/4 speed; default 0)")
+    p.add_argument("--cascade-threshold", type=float, default=None, help="a cascade deployable: escalate below "
+                   "this small-model confidence instead of model.json's threshold")
     p.add_argument("--annotate", default=None, help="write the processed frames with results drawn (.mp4)")
     p.add_argument("--json", default=None, help="write the metrics as JSON")
     p.add_argument("--active-watts", type=float, default=None, help="device power busy (default: target spec.power)")
@@ -69,6 +75,15 @@ def check_args(a: argparse.Namespace) -> tuple[int, int] | None:
         v = getattr(a, flag)
         if v is not None and not (math.isfinite(v) and v >= 0):
             raise EdgebuildError(f"--{flag.replace('_', '-')} {v:g} must be >= 0 watts", "give a power in watts")
+    if not (0 <= a.still <= 1 and 0 <= a.slow <= 1 and a.still + a.slow <= 1):
+        raise EdgebuildError(f"--still {a.still:g} / --slow {a.slow:g}: fractions of the time in [0, 1], summing to "
+                             "at most 1", "give e.g. --still 0.5 --slow 0.2")
+    if (a.still or a.slow) and a.source != "shapes":
+        raise EdgebuildError(f"--still / --slow shape the generated video; --source {a.source} is recorded",
+                             "drop --still and --slow, or use --source shapes")
+    if a.cascade_threshold is not None and not 0 <= a.cascade_threshold <= 1:
+        raise EdgebuildError(f"--cascade-threshold {a.cascade_threshold:g} is not a confidence in [0, 1]",
+                             "give e.g. --cascade-threshold 0.9")
     if a.battery_mah <= 0 or a.battery_volts <= 0:
         raise EdgebuildError("--battery-mah and --battery-volts must be positive", "e.g. --battery-mah 2000 "
                              "--battery-volts 3.7")
@@ -100,6 +115,11 @@ ROWS = [  # (label, metric, format)
     ("time to first result (ms)", "stream/first_result_ms", "{:.1f}"),
     ("mAP@0.5 / mAP@[.5:.95] / recall (vs exact boxes)", None, None),
     ("mAP@[.5:.95] every frame inferred / reuse cost (points)", None, None),
+    ("top-1 accuracy (vs the frames' labels)", None, None),
+    ("cascade: threshold; escalated to the big model", None, None),
+    ("cascade: per inferred frame small / per escalation big (ms)", None, None),
+    ("cascade: e2e p50 / p90 small answered (ms)", None, None),
+    ("cascade: e2e p50 / p90 escalated (ms)", None, None),
     ("energy source (rapl: measured here; model: estimate)", "energy/source", "{}"),
     ("energy per inference (mJ)", "energy/mj_per_inference", "{:.3f}"),
     ("busy fraction / average power (W)", None, None),
@@ -125,6 +145,16 @@ def rows(m: dict[str, Any]) -> list[tuple[str, str]]:
             "stream/map_50", "stream/map_50_95", "stream/recall_100")),
         "mAP@[.5:.95] every frame inferred / reuse cost (points)": f"{f('stream/map_50_95_every_frame', '{:.3f}')} / "
                                                                    f"{f('stream/reuse_map_cost', '{:+.2f}')}",
+        "top-1 accuracy (vs the frames' labels)": f("stream/acc_top1", "{:.4f}"),
+        "cascade: threshold; escalated to the big model": f"{m['stream/cascade_threshold']:g}; "
+        f"{m['stream/cascade_escalated']:.1%} ({m['stream/cascade_escalated_frames']} frames)"
+        if "stream/cascade_escalated" in m else "-",
+        "cascade: per inferred frame small / per escalation big (ms)": " / ".join(
+            f(f"stream/cascade_{s}_ms", "{:.2f}") for s in ("small", "big")),
+        "cascade: e2e p50 / p90 small answered (ms)": " / ".join(
+            f(f"stream/cascade_e2e_{p}_small_ms") for p in ("p50", "p90")),
+        "cascade: e2e p50 / p90 escalated (ms)": " / ".join(
+            f(f"stream/cascade_e2e_{p}_escalated_ms") for p in ("p50", "p90")),
         "busy fraction / average power (W)": f"{f('energy/busy_fraction', '{:.1%}')} / "
                                              f"{f('energy/avg_power_w', '{:.3f}')}",
         "model estimate: mJ / inference; battery (h)": (f"{f('energy/model_mj_per_inference', '{:.3f}')}; "
@@ -173,10 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         if a.json and not Path(a.json).expanduser().parent.is_dir():
             raise EdgebuildError(f"--json {a.json}: its folder does not exist", "create it or give another path")
         t_start = time.perf_counter()
-        model, target = from_deploy_dir(a.deploy_dir)
+        model, target = from_deploy_dir(a.deploy_dir, a.cascade_threshold)
         frames = frames_of(a)
         w, h = size or (model.width, model.height)
-        source = open_source(a.source, w, h, frames, seed=a.seed, num_classes=len(model.class_names or []) or 3)
+        source = open_source(a.source, w, h, frames, seed=a.seed, num_classes=len(model.class_names or []) or 3,
+                             still=a.still, slow=a.slow)
         spec = json.loads((Path(a.deploy_dir).expanduser() / "model.json").read_text())
         precision = energy.precision_key(spec.get("precision"))
         from omegaconf import OmegaConf
@@ -205,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 metrics, result, interrupted = e.metrics, e.result, True
             if a.requests > 1 and not interrupted:  # the same frames synchronously: the comparison column
                 sync_source = open_source(a.source, w, h, frames, seed=a.seed,
-                                          num_classes=len(model.class_names or []) or 3)
+                                          num_classes=len(model.class_names or []) or 3, still=a.still, slow=a.slow)
                 try:
                     compare["synchronous (1 request)"], _ = measure(
                         model, sync_source, StreamConfig(**{**vars(cfg), "requests": 1}), (active, idle),
@@ -236,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
                      "edgebuild/stream/energy.py")
     else:
         notes.append("energy: no power figures (target spec.power or --active-watts): no estimate")
+    if "stream/cascade_escalated" in metrics:
+        from edgebuild.stream import cascade_note
+
+        notes.append(cascade_note(metrics))
     if a.annotate:
         notes.append(f"annotated video: {a.annotate} ({metrics['stream/annotated_frames']} processed frames)")
     title = (f"{model.describe} | {source.describe()} | {a.fps:g} FPS offered, ring {a.depth}, {a.policy}"

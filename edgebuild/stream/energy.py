@@ -4,6 +4,8 @@ cites each), not a measurement of this machine.
 
 For a stream that runs `r` inferences per second, each keeping the device busy `t` seconds (preprocess + inference
 + postprocess of one inferred frame, measured), on a device drawing P_active watts busy and P_idle idle:
+(`t` = the union of the inferred frames' [preprocess start, postprocess end] intervals / inferences: with
+asynchronous requests two frames' work overlaps, and the overlap is busy time once, not twice)
 
     busy fraction      D = min(1, r * t)
     energy/inference   E = P_active * t                  (J; x1000 for mJ)

@@ -77,6 +77,100 @@ class StreamModel:
         return {"label": k, "score": float(p[k])}
 
 
+class CascadeOutputs(list):
+    """The answering model's outputs, with what the cascade did for this frame."""
+
+    escalated: bool = False
+    confidence: float = 0.0  # the small model's top-1 softmax probability
+    small_s: float = 0.0
+    big_s: float = 0.0  # the big model's preprocessing + inference (0 when the small one answered)
+
+
+class CascadeModel:
+    """A cascade deployable (model.json `deploy_cascade`) in the stream: the small model on every frame, the big one
+    when the small one's top-1 softmax confidence is below the threshold (edgebuild.stages.cascade's rule,
+    `escalates`). The big model preprocesses the frame's pixels itself (its own input size and normalization), only
+    on escalation, so a frame's inference time is small + (big's preprocess + inference when escalated). Synchronous
+    only: the two models run in sequence on one frame."""
+
+    is_detection = False
+    async_capable = False
+
+    def __init__(self, small: StreamModel, big: StreamModel, threshold: float):
+        self.small, self.big, self.threshold = small, big, float(threshold)
+        self.meta, self.session, self.task = small.meta, small.session, small.task
+        self.channels, self.height, self.width = small.channels, small.height, small.width
+        self.class_names, self.options = small.class_names, None
+        self.load_ms = small.load_ms + big.load_ms
+        self.describe = (f"cascade ({small.describe}, big model on escalation) at threshold {self.threshold:g}")
+
+    @property
+    def resized(self) -> tuple[int, int] | None:
+        return self.small.resized
+
+    def preprocess(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.small.preprocess(pixels), pixels
+
+    def infer(self, x: tuple[np.ndarray, np.ndarray]) -> CascadeOutputs:
+        from edgebuild.stages.cascade import escalates
+
+        small_x, pixels = x
+        t0 = time.perf_counter()
+        outputs = self.small.infer(small_x)
+        t1 = time.perf_counter()
+        escalate, confidence = escalates(np.asarray(outputs[0])[:1], self.threshold)
+        out = CascadeOutputs(outputs)
+        if escalate[0]:
+            out = CascadeOutputs(self.big.infer(self.big.preprocess(pixels)))
+            out.big_s = time.perf_counter() - t1
+        out.escalated, out.confidence, out.small_s = bool(escalate[0]), float(confidence[0]), t1 - t0
+        return out
+
+    def stream_metrics(self, records: list[Any]) -> dict[str, Any]:
+        """The measured escalation rate (of the frames inferred: reused ones ran no model) and where the time went:
+        e2e latency of the frames the small model answered vs those the big one did."""
+        inferred = [r for r in records if not r.reused]
+        up = [r for r in inferred if r.result["escalated"]]
+        stay = [r for r in inferred if not r.result["escalated"]]
+
+        def e2e(rs: list[Any], q: int) -> float:
+            return float(np.percentile([(r.t_done - r.t_capture) * 1000.0 for r in rs], q)) if rs else float("nan")
+
+        return {"stream/cascade_threshold": self.threshold,
+                "stream/cascade_escalated": len(up) / len(inferred) if inferred else 0.0,
+                "stream/cascade_escalated_frames": len(up),
+                "stream/cascade_small_ms": float(np.mean([r.result["small_ms"] for r in inferred])) if inferred
+                else float("nan"),
+                "stream/cascade_big_ms": float(np.mean([r.result["big_ms"] for r in up])) if up else float("nan"),
+                "stream/cascade_e2e_p50_small_ms": e2e(stay, 50), "stream/cascade_e2e_p90_small_ms": e2e(stay, 90),
+                "stream/cascade_e2e_p50_escalated_ms": e2e(up, 50), "stream/cascade_e2e_p90_escalated_ms": e2e(up, 90)}
+
+    def postprocess(self, outputs: CascadeOutputs, frame_size: tuple[int, int]) -> dict[str, Any]:
+        result = self.small.postprocess(outputs, frame_size)  # softmax top-1 of the answering model's logits
+        return {**result, "escalated": outputs.escalated, "small_confidence": outputs.confidence,
+                "small_ms": outputs.small_s * 1000.0, "big_ms": outputs.big_s * 1000.0}
+
+
+def cascade_models(artifact: Any, compile_: Any, describe: str, threshold: float | None = None) -> CascadeModel:
+    """A cascade deployable (the small model's files, then the big one's as `big_*` beside them) as a CascadeModel;
+    `compile_(artifact) -> session` compiles one model at batch 1 (with `session.load_ms`); `threshold` overrides
+    the one the cascade stage chose."""
+    from edgebuild.artifact import Artifact
+
+    c = artifact.meta["deploy_cascade"]
+    pre = c.get("big_preprocess") or {}
+    big_files = [c["big_model"], *(f for f in artifact.files if f.startswith("big_") and f != c["big_model"])]
+    small_files = [f for f in artifact.files if not f.startswith("big_")]
+    meta = {k: v for k, v in artifact.meta.items() if k != "deploy_cascade"}
+    big_meta = {**meta, "input_shape": list(c["big_input_shape"]), **{k: pre[k] for k in ("scale", "mean", "std")
+                                                                         if pre.get(k) is not None}}
+    models = []
+    for role, files, m in (("small", small_files, meta), ("big", big_files, big_meta)):
+        session = compile_(Artifact(artifact.kind, artifact.root, files, meta=m))
+        models.append(StreamModel(m, session, session.load_ms, None, f"{role}: {describe}"))
+    return CascadeModel(*models, c["threshold"] if threshold is None else threshold)
+
+
 def _target_cfg(spec: dict[str, Any]) -> Any:
     """The target a deployable was built for: conf/target/NAME.yaml (its spec: power, peak rates) with model.json's
     runtime, device, precision hint and threads on top."""
@@ -95,8 +189,9 @@ def _target_cfg(spec: dict[str, Any]) -> Any:
     return OmegaConf.merge(cfg, {k: v for k, v in over.items() if v is not None})
 
 
-def from_deploy_dir(path: str | Path) -> tuple[StreamModel, Any]:
-    """(model compiled at batch 1, its Target) for a deploy/ folder; bad folders are EdgebuildError (exit 2)."""
+def from_deploy_dir(path: str | Path, cascade_threshold: float | None = None) -> tuple[Any, Any]:
+    """(model compiled at batch 1, its Target) for a deploy/ folder (a cascade's: a CascadeModel, at
+    `cascade_threshold` when given); bad folders are EdgebuildError (exit 2)."""
     from edgebuild.artifact import read_deploy_folder
     from edgebuild.targets import make_target
 
@@ -106,10 +201,12 @@ def from_deploy_dir(path: str | Path) -> tuple[StreamModel, Any]:
                              "give the deploy/ folder a build wrote (outputs/runs/DATE/TIME_RECIPE/deploy)")
     artifact = read_deploy_folder(root)
     spec = json.loads((root / "model.json").read_text())
-    if spec.get("deploy_cascade"):
-        raise EdgebuildError(f"deploy folder {root} holds a cascade; the stream runs single-model deployables",
-                             "stream the cascade's small or big deploy folder")
     target = make_target(_target_cfg(spec))
+    if spec.get("deploy_cascade"):
+        artifact.meta["deploy_cascade"] = spec["deploy_cascade"]
+        model = cascade_models(artifact, lambda a: target.runtime.load(a, target.device, 1),
+                               f"{spec['format']} on {target.runtime.name} {target.device}", cascade_threshold)
+        return model, target
     options = None
     if artifact.meta.get("task") == "detection":
         from edgebuild.detection.postprocess import options as pp_options
@@ -127,10 +224,13 @@ def from_deploy_dir(path: str | Path) -> tuple[StreamModel, Any]:
                        f"{target.device}", target.runtime.supports(ASYNC)), target
 
 
-def for_build(deployable: Any, ctx: Any) -> StreamModel:
+def for_build(deployable: Any, ctx: Any) -> Any:
     """The build's final deployable compiled on its target (evaluate.load: the pipeline's own compile)."""
     from edgebuild.evaluate import load
 
+    if deployable.meta.get("deploy_cascade"):
+        return cascade_models(deployable, lambda a: load(a, ctx, 1),
+                              f"{deployable.kind} on {ctx.target.runtime.name} {ctx.target.device}")
     session = load(deployable, ctx, 1)
     options = ctx.task.postprocess_options() if deployable.meta.get("task") == "detection" else None
     return StreamModel(deployable.meta, session, session.load_ms, options,

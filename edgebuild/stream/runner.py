@@ -7,10 +7,14 @@ folder as `stream.py` (detection deployables get `postprocess.py`, the decode + 
 Two threads, as `python -m edgebuild.stream` runs them: a capture/decode thread (PyAV) and an inference thread,
 over a bounded queue of `--depth` frames. With `--fps` the capture is paced like a camera and a full queue drops
 its oldest frame (counted); without it every frame is processed in order (the queue blocks the decoder).
-Frames are converted to the model's input size by PyAV (swscale) when they differ; preprocessing is model.json's
-`x = (pixels / scale - mean) / std`. `--out` writes one JSON line per processed frame: index, boxes, scores,
-labels (detection) or label, score (classification). Prints processed FPS, dropped frames and end-to-end p50/p90
-(capture -> result). Exit 0; 2 for bad input (one line on stderr); 130 on Ctrl-C.
+Frames are decoded at their own size and converted as `python -m edgebuild.stream` converts them, so both give the
+same detections: grey by ITU-R 601 weights in PIL's fixed-point arithmetic, resized to the model's input by PIL's
+bilinear filter (antialiased) when Pillow is installed; without Pillow by FFmpeg's swscale (bilinear), which can
+differ from PIL by a few grey levels at edges (said on stderr). Then model.json's
+`x = (pixels / scale - mean) / std`; detection boxes are scaled back to the frame's pixels. `--out` writes one JSON
+line per processed frame: index, boxes, scores, labels (detection) or label, score (classification). Prints
+processed FPS, dropped frames and end-to-end p50/p90 (capture -> result). Exit 0; 2 for bad input (one line on
+stderr); 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -72,8 +76,51 @@ def load_session(root: Path, spec: dict):
                    "(stream it with `python -m edgebuild.stream` instead)")
 
 
-def frames(source: Path, width: int, height: int):
-    """(index, uint8 RGB [height, width, 3]) for a video file or a folder of images, decoded by PyAV."""
+def grey(pixels: np.ndarray) -> np.ndarray:
+    """uint8 RGB [H, W, 3] -> uint8 [H, W, 1], exactly PIL's convert("L"): (19595 R + 38470 G + 7471 B + 2^15) >> 16."""
+    p = pixels.astype(np.uint32)
+    return ((p[..., 0] * 19595 + p[..., 1] * 38470 + p[..., 2] * 7471 + 0x8000) >> 16).astype(np.uint8)[..., None]
+
+
+def converter(channels: int, width: int, height: int, use_pil: bool | None = None):
+    """pixels (uint8 RGB [h, w, 3]) -> uint8 [height, width, channels] as edgebuild.stream's preprocess converts them:
+    PIL when installed (or `use_pil`), else numpy's grey + swscale's resize."""
+    if use_pil is None:
+        try:
+            import PIL.Image  # noqa: F401
+
+            use_pil = True
+        except ImportError:
+            use_pil = False
+    if use_pil:
+        from PIL import Image
+
+        def convert(pixels):
+            if pixels.shape[:2] == (height, width) and channels != 1:
+                return pixels
+            img = Image.fromarray(pixels)
+            if channels == 1:
+                img = img.convert("L")
+            if pixels.shape[:2] != (height, width):
+                img = img.resize((width, height), Image.BILINEAR)
+            return np.asarray(img).reshape(height, width, -1)
+
+        convert.by = "PIL"
+        return convert
+    import av
+
+    def convert(pixels):
+        if pixels.shape[:2] != (height, width):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+            pixels = frame.to_ndarray(width=width, height=height, format="rgb24", interpolation="BILINEAR")
+        return grey(pixels) if channels == 1 else pixels
+
+    convert.by = "swscale"
+    return convert
+
+
+def frames(source: Path):
+    """(index, uint8 RGB [h, w, 3] at the source's own size) for a video file or a folder of images (PyAV)."""
     import av
 
     paths = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if source.is_dir() \
@@ -88,7 +135,7 @@ def frames(source: Path, width: int, height: int):
             raise BadInput(f"{path} cannot be opened as video or image ({e})") from None
         with container:
             for frame in container.decode(video=0):
-                yield i, frame.to_ndarray(width=width, height=height, format="rgb24")
+                yield i, frame.to_ndarray(format="rgb24")
                 i += 1
 
 
@@ -137,7 +184,11 @@ def stream(root: Path, spec: dict, source: Path, a: argparse.Namespace) -> int:
     infer = load_session(root, spec)
     q: queue.Queue = queue.Queue(maxsize=a.depth)
     stop, errors, dropped, done = threading.Event(), [], [], []
-    gen = frames(source, width, height)
+    convert = converter(channels, width, height)
+    if convert.by != "PIL":
+        print("stream.py: Pillow is not installed: frames of another size are resized by swscale, which can differ "
+              "from edgebuild's PIL resize by a few grey levels", file=sys.stderr)
+    gen = frames(source)
     first = next(gen, None)  # a bad source fails here, in the main thread, before the threads start
     if first is None:
         raise BadInput(f"{source}: no frames")
@@ -179,13 +230,15 @@ def stream(root: Path, spec: dict, source: Path, a: argparse.Namespace) -> int:
     def inference():
         try:
             while (got := q.get()) is not None:
-                (index, pixels), t_capture = got
-                if channels == 1:
-                    pixels = (pixels @ np.asarray([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)[..., None]
+                (index, frame), t_capture = got
+                pixels = convert(frame)
                 x = (pixels.transpose(2, 0, 1).astype(np.float32) * mul + add)[None]
                 outputs = infer(x)
                 if detection:
                     det = postprocess(outputs[0][0], outputs[1][0], outputs[2][0], **pp_options)
+                    fh, fw = frame.shape[:2]
+                    if (fh, fw) != (height, width):  # boxes in the frame's pixels, as edgebuild.stream gives them
+                        det["boxes"] = det["boxes"] * np.asarray([fw / width, fh / height] * 2, np.float32)
                     result = {k: np.asarray(det[k]).tolist() for k in ("boxes", "scores", "labels")}
                 else:
                     z = np.asarray(outputs[0][0], np.float64)

@@ -32,14 +32,33 @@ class ShapesVideo:
     detector trained on that data sees its own kind of image. Each object has a lane (a horizontal band of its
     own) and bounces at constant velocity inside it: objects never overlap, so every box is exact. Frame i is a
     pure function of (seed, i): positions follow a closed-form bounce and the pixel noise is seeded by i, so a
-    frame can be drawn again later (the offline reference for frame reuse) bit for bit."""
+    frame can be drawn again later (the offline reference for frame reuse) bit for bit.
+
+    Still periods and slow motion (`still`, `slow`: fractions in [0, 1], default 0 = every object moves every frame,
+    as before): a fixed surveillance or inspection camera sees stretches where nothing moves. The video is then cut
+    into seeded segments of SEGMENT_FRAMES frames; each segment is still with probability `still`, slow motion
+    (SLOW_SPEED x the objects' speed) with probability `slow`, else normal motion. Positions follow the scene's
+    clock (the sum of the segments' speeds up to the frame), so a still segment holds every object exactly where it
+    was. The pixel noise stays new in every frame, as a sensor's does: a still frame differs from the one before
+    only by noise. The segment draw is seeded by (seed, 31): `still`/`slow` are the expected fractions of frames,
+    `speed(i)` the draw."""
 
     name = SHAPES_SOURCE
+    SEGMENT_FRAMES = (15, 45)  # segment lengths, uniform (0.5-1.5 s at 30 FPS)
+    SLOW_SPEED = 0.25
 
-    def __init__(self, width: int, height: int, num_classes: int = 3, seed: int = 0, frames: int | None = None):
+    def __init__(self, width: int, height: int, num_classes: int = 3, seed: int = 0, frames: int | None = None,
+                 still: float = 0.0, slow: float = 0.0):
         from edgebuild.detection.data import SHAPES
 
+        if not (0.0 <= still <= 1.0 and 0.0 <= slow <= 1.0 and still + slow <= 1.0):
+            raise EdgebuildError(f"generated video: still {still:g} and slow {slow:g} must be fractions of the time "
+                                 "in [0, 1] with still + slow <= 1", "give e.g. --still 0.5 --slow 0.2")
         self.width, self.height, self.seed, self.frames = width, height, seed, frames
+        self.still, self.slow = float(still), float(slow)
+        self._segments = np.random.default_rng([seed, 31])
+        self._speeds: list[float] = []  # per frame: the scene clock's advance to the next frame
+        self._clock = [0.0]  # scene time of frame i
         self.num_classes = max(1, min(num_classes, len(SHAPES)))
         self.kinds = SHAPES
         rng = np.random.default_rng([seed, 17])
@@ -74,7 +93,29 @@ class ShapesVideo:
         self._next = 0
 
     def describe(self) -> str:
-        return f"generated moving shapes {self.width}x{self.height}, {len(self.objects)} objects, seed {self.seed}"
+        motion = f", still {self.still:.0%} / slow {self.slow:.0%} of the time (seeded)" if self.still or self.slow \
+            else ""
+        return (f"generated moving shapes {self.width}x{self.height}, {len(self.objects)} objects, seed "
+                f"{self.seed}{motion}")
+
+    def speed(self, i: int) -> float:
+        """How far the scene moves from frame i to i + 1, in frames of normal motion: 0 still, SLOW_SPEED, or 1."""
+        if not (self.still or self.slow):
+            return 1.0
+        while len(self._speeds) <= i:  # segments are drawn in order, whatever order frames are asked in
+            n = int(self._segments.integers(self.SEGMENT_FRAMES[0], self.SEGMENT_FRAMES[1] + 1))
+            u = float(self._segments.uniform())
+            v = 0.0 if u < self.still else self.SLOW_SPEED if u < self.still + self.slow else 1.0
+            self._speeds += [v] * n
+        return self._speeds[i]
+
+    def scene_time(self, i: int) -> float:
+        """Frame i's position on the scene's clock (= i without still or slow periods)."""
+        if not (self.still or self.slow):
+            return i
+        while len(self._clock) <= i:
+            self._clock.append(self._clock[-1] + self.speed(len(self._clock) - 1))
+        return self._clock[i]
 
     @staticmethod
     def _bounce(lo: float, hi: float, start: float, offset: float) -> float:
@@ -91,9 +132,10 @@ class ShapesVideo:
         rng = np.random.default_rng([self.seed, 29, i])
         img = self.background + rng.normal(0, 12, self.background.shape)
         boxes, labels = [], []
+        t = self.scene_time(i)
         for o in self.objects:
-            cx = self._bounce(*o["x"], o["p0"][0], o["v"][0] * i)
-            cy = self._bounce(*o["y"], o["p0"][1], o["v"][1] * i)
+            cx = self._bounce(*o["x"], o["p0"][0], o["v"][0] * t)
+            cy = self._bounce(*o["y"], o["p0"][1], o["v"][1] * t)
             mask = shape_mask(o["kind"], self.xx, self.yy, cx, cy, o["r"])
             if not mask.any():
                 continue
@@ -136,6 +178,19 @@ class MemorySource:
 
     def close(self) -> None:
         pass
+
+
+def labelled_frames(images: np.ndarray, labels: np.ndarray, n: int, name: str = "held-out images") -> MemorySource:
+    """A classifier's stream: n frames cycling through uint8 [N, C, H, W] images (grey repeated to RGB), each with
+    its label as ground truth ({"label": int}): the stream's top-1 accuracy and, for a cascade, its escalations are
+    measured on the data the model was built for, not on shapes it never saw."""
+    frames = []
+    for i in range(n):
+        chw = images[i % len(images)]
+        hwc = np.repeat(chw, 3, axis=0) if chw.shape[0] == 1 else chw[:3]
+        frames.append(Frame(i, np.ascontiguousarray(hwc.transpose(1, 2, 0)),
+                            {"label": np.asarray(int(labels[i % len(labels)]), np.int64)}))
+    return MemorySource(frames, name)
 
 
 class FolderSource:
@@ -218,10 +273,14 @@ class VideoSource:
 
 
 def open_source(source: str, width: int, height: int, frames: int | None, seed: int = 0,
-                num_classes: int = 3) -> Any:
-    """`shapes` (generated at width x height), a /dev/video* camera, a folder of frames, or a video file."""
+                num_classes: int = 3, still: float = 0.0, slow: float = 0.0) -> Any:
+    """`shapes` (generated at width x height; `still`/`slow` its still and slow-motion fractions), a /dev/video*
+    camera, a folder of frames, or a video file."""
     if source == SHAPES_SOURCE:
-        return ShapesVideo(width, height, num_classes=num_classes, seed=seed, frames=frames)
+        return ShapesVideo(width, height, num_classes=num_classes, seed=seed, frames=frames, still=still, slow=slow)
+    if still or slow:
+        raise EdgebuildError(f"--still / --slow shape the generated video; the source {source} is recorded",
+                             "drop --still and --slow, or use --source shapes")
     if source.startswith("/dev/video"):
         if not Path(source).exists():
             raise EdgebuildError(f"stream source {source}: no such camera device",
