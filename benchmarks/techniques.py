@@ -122,7 +122,8 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     load1 = os.getloadavg()
 
-    print(f"{cpu}; {os.cpu_count()} cores; load avg (1/5/15 min) {load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f} at start, "
+    print(f"{cpu}; {os.cpu_count()} cores; load avg (1/5/15 min) "
+          f"{load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f} at start, "
           f"{load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f} at end; {seconds:.0f} s; seed {args.seed}; digits test split, "
           f"OpenVINO CPU batch 1, median of {args.rounds} interleaved rounds")
     train = rows.get("train", {}).get("metrics", {})

@@ -49,11 +49,11 @@ def test_deployable_has_one_backbone_and_every_head(shared):
     ir = core.read_model(str(Path(by["export"]["deployable"]) / "model.xml"))
     convs = [op for op in ir.get_ordered_ops() if op.get_type_name() == "Convolution"]
     assert len(convs) == backbone_convs  # the backbone once, not once per head
-    assert [o.get_any_name() for o in ir.outputs] == ["logits", "size"]
+    assert len(ir.outputs) == 2 and "logits" in ir.outputs[0].get_names() and "size" in ir.outputs[1].get_names()
     # the packaged deployable (INT8) answers for both heads, and its accuracies are the summary's
     deploy = Path(s["deploy"])
     spec = json.loads((deploy / "model.json").read_text())
-    assert set(spec["outputs"]) == {"logits", "size"} and spec["heads"][0]["name"] == "size"
+    assert set(spec["outputs"]) == {"logits", "size"}
     cfg = testing.compose(testing.shrink(tmp), recipe="multitask_shared")
     dm = DataModule(cfg.data, tmp / "cache")
     test = dm.splits["test"]

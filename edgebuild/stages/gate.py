@@ -36,7 +36,8 @@ from edgebuild.stage import Stage, StageResult, check_patterns
 from edgebuild.stages import weights
 
 MODES = ("static", "dynamic")
-GAIN = 20.0  # gates are sigmoid(GAIN * p): Adam moves p by ~lr per step, so the logit moves GAIN x lr (a gate lr multiplier)
+# gates are sigmoid(GAIN * p): Adam moves p by ~lr per step, so the logit moves GAIN x lr (a gate lr multiplier)
+GAIN = 20.0
 DENSE_NOTE = ("dynamic gates switch kernels off per input, but dense CPU runtimes (OpenVINO, ONNX Runtime) still "
               "compute every kernel and multiply it by 0: latency does not improve (the gate heads even add a "
               "little); an accelerator with conditional execution could skip the switched-off kernels and run "
