@@ -61,7 +61,8 @@ def test_deployable_has_one_backbone_and_every_head(shared):
     out = compiled(dm.normalize(test.images))
     digit, size = out[compiled.outputs[0]], out[compiled.outputs[1]]
     assert digit.shape == (len(test.labels), 10) and size.shape == (len(test.labels), 2)
-    final = by["int8"]["metrics"]
+    n = len(test.labels)
+    final = {k: round(v * n) / n for k, v in by["int8"]["metrics"].items() if k.endswith("top1")}  # float32-stored
     assert_accuracy_matches(digit, test.labels, final["acc/digit/top1"])
     size_labels = np.asarray([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])[test.labels]
     assert_accuracy_matches(size, size_labels, final["acc/size/top1"])
