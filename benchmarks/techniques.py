@@ -102,6 +102,8 @@ def main() -> None:
         if "gates" in parts:
             first = build(testing.compose(base(args, cache) + gate_stages(args, None)), tmp / "g1", "techniques")
             frac = next(s for s in first["stages"] if s["name"] == "gate_static")["metrics"]["gate/macs_fraction"]
+            if frac >= 0.999:
+                sys.exit(f"the static gates removed no kernel (MAC fraction {frac:.3f}): raise --sparsity or --epochs")
             cfg = testing.compose(base(args, cache) + gate_stages(args, frac))
             rows.update(stage_rows(build(cfg, tmp / "g2", "techniques")))
         if "input" in parts:
