@@ -36,7 +36,8 @@ from edgebuild.stage import Stage, StageResult, check_patterns
 from edgebuild.stages import weights
 
 MODES = ("static", "dynamic")
-GAIN = 20.0  # gates are sigmoid(GAIN * p): Adam moves p by ~lr per step, so the logit moves GAIN x lr (a gate lr multiplier)
+# gates are sigmoid(GAIN * p): Adam moves p by ~lr per step, so the logit moves GAIN x lr (a gate lr multiplier)
+GAIN = 20.0
 DENSE_NOTE = ("dynamic gates switch kernels off per input, but dense CPU runtimes (OpenVINO, ONNX Runtime) still "
               "compute every kernel and multiply it by 0: latency does not improve (the gate heads even add a "
               "little); an accelerator with conditional execution could skip the switched-off kernels and run "
@@ -106,7 +107,7 @@ def __getattr__(name: str) -> Any:  # unpickling a dynamic-gated model asks for 
 class Gate(FitConfig, Stage):
     kind: ClassVar[str] = "gate"
     needs_float_input: ClassVar[bool] = True
-    version: ClassVar[int] = 1
+    version: ClassVar[int] = 2  # 2: kernels matched to their utilization by name, not by order
     uses: ClassVar[tuple[str, ...]] = ("data", "task", "trainer")
 
     mode: str = "static"  # static: remove kernels under the threshold | dynamic: gates stay, per input
@@ -294,14 +295,16 @@ def effective_macs(model: Any, ctx: Any, shape: list[int]) -> tuple[list[float],
     return per_input, active
 
 
-def unwrap(model: Any) -> tuple[Any, list[Any]]:
+def unwrap(model: Any) -> tuple[Any, dict[str, Any]]:
     """Fold each static gate's coefficients into its BN (weight, bias) or conv, and put the conv and BN
     back where they were (the Identity left in the BN's place is replaced by it). Returns the model
-    and the convs in gate order."""
+    and {gated module's name: its conv}, the names `utilization` keys its table by (matched by name:
+    a parent's own gated children and its containers' interleave differently from named_modules' order)."""
     import torch
     from torch import nn
 
-    convs = []
+    names = {id(m): n for n, m in _gated(model).items()}
+    convs = {}
     for parent in list(model.modules()):
         children = list(parent.named_children())
         for i, (name, child) in enumerate(children):
@@ -321,11 +324,12 @@ def unwrap(model: Any) -> tuple[Any, list[Any]]:
                 nxt = children[i + 1]
                 assert isinstance(nxt[1], nn.Identity)
                 setattr(parent, nxt[0], child.bn)
-            convs.append(child.conv)
+            convs[names[id(child)]] = child.conv
     return model, convs
 
 
-def remove_kernels(model: Any, convs: list[Any], util: dict[str, Any], threshold: float, shape: list[int]) -> int:
+def remove_kernels(model: Any, convs: dict[str, Any], util: dict[str, Any], threshold: float,
+                   shape: list[int]) -> int:
     """Remove, with Torch-Pruning, each conv's kernels whose utilization is under `threshold` (every
     layer keeps its most used kernel). Returns how many kernels went."""
     import torch
@@ -333,7 +337,8 @@ def remove_kernels(model: Any, convs: list[Any], util: dict[str, Any], threshold
 
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros([1, *shape[1:]]))
     removed = 0
-    for conv, u in zip(convs, util.values(), strict=False):
+    for name, conv in convs.items():
+        u = util[name]
         idxs = [int(i) for i in (u < threshold).nonzero()[0]]
         if len(idxs) >= conv.out_channels:
             keep = int(u.argmax())
