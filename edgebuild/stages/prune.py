@@ -497,11 +497,14 @@ def apply_sparsity(model: Any, layers: list[str], sparsity: float, scope: str) -
         done = sum(int((m.weight_mask == 0).sum()) for m, _ in ms if prune.is_pruned(m))
         return max(0, round(sparsity * total) - done)
 
+    # Training runs channels_last and torch's pruning flattens scores with .view(-1): score contiguous copies.
+    scores = {p: p[0].weight.detach().contiguous() for p in params}
     if scope == "global":
-        prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=extra(params))
+        prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=extra(params),
+                                  importance_scores=scores)
     else:
         for p in params:
-            prune.l1_unstructured(p[0], "weight", amount=extra([p]))
+            prune.l1_unstructured(p[0], "weight", amount=extra([p]), importance_scores=scores[p])
 
 
 def agp_callback(layers: list[str], final: float, scope: str, ramp_epochs: int) -> Any:
