@@ -3,6 +3,7 @@
     python benchmarks/training.py [--limit 10000] [--rounds 3] [--epochs 1] [--precision 32-true,bf16-mixed]
     python benchmarks/training.py --variants        # plain loop: channels_last and torch.compile vs eager
     python benchmarks/training.py --presets --epochs 3 --limit 20000   # held-out top-1 per preset vs the script
+    python benchmarks/training.py --precision-top1 --precision 32-true,bf16-mixed --epochs 3 --limit 20000
 
 Same data (the first --limit images of ../shared/data/cifar10-train.tar.gz as edgebuild's imagefolder source
 takes them, split 0.05/0.05 by seed), same model (MobileNetV2-0.5, stride-1 stem), batch 128, AdamW 3e-3, the
@@ -186,6 +187,37 @@ def held_out_top1(m, xt, yt) -> float:
     return float((pred == yt).float().mean())
 
 
+def precision_top1(cfg, dm, task, epochs: int, precisions: list[str]) -> None:
+    """Held-out (test split) top-1 and seconds of the default train stage at each trainer.precision, same
+    epochs, seed and data; the precision that trained is the one the metrics say (train/precision)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from edgebuild.finetune import fit
+    from edgebuild.stages.train import Train
+
+    te = dm.splits["test"]
+    mean = torch.tensor(list(cfg.data.mean)).view(1, -1, 1, 1)
+    std = torch.tensor(list(cfg.data.std)).view(1, -1, 1, 1)
+    xt, yt = (torch.from_numpy(te.images).float() / 255 - mean) / std, torch.from_numpy(te.labels)
+    rows = []
+    for p in precisions:
+        c = cfg.copy()
+        OmegaConf.update(c, "trainer.precision", p)
+        with tempfile.TemporaryDirectory() as tmp:
+            ctx = SimpleNamespace(cfg=c, data=dm, task=task, workdir=Path(tmp), seed=0, logger=None)
+            model, metrics = fit(make_model(), ctx, Train(epochs=epochs), name="train")
+        rows.append((p, metrics.get("train/precision", p), held_out_top1(model.float(), xt, yt),
+                     metrics["train/seconds"] / epochs, os.getloadavg()[0]))
+        print(rows[-1], flush=True)
+    print(f"\n{epochs} epochs, {len(dm.splits['train'].labels)} training images, {len(yt)} held-out test images, "
+          f"{cpu_model()}\n")
+    print("| trainer.precision | trained in | held-out top-1 | vs first | s/epoch (incl. val) | load |\n"
+          "|---|---|---|---|---|---|")
+    for p, ran, t1, sec, load in rows:
+        print(f"| {p} | {ran} | {t1:.4f} | {100 * (t1 - rows[0][2]):+.1f} pp | {sec:.1f} | {load:.2f} |")
+
+
 def presets(cfg, dm, task, x, y, bs: int, epochs: int) -> None:
     """Held-out (test split) top-1 in equal epochs: edgebuild's default, its sgd_onecycle preset, the script."""
     import torch
@@ -232,6 +264,7 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true")
     ap.add_argument("--variants", action="store_true", help="channels_last / torch.compile of the plain loop")
     ap.add_argument("--presets", action="store_true", help="held-out top-1 per optimizer preset vs the script")
+    ap.add_argument("--precision-top1", action="store_true", help="held-out top-1 per --precision, equal epochs")
     args = ap.parse_args()
 
     import torch
@@ -273,6 +306,8 @@ def main() -> None:
         return variants(x, y, bs, args.rounds)
     if args.presets:
         return presets(cfg, dm, task, x, y, bs, args.epochs)
+    if args.precision_top1:
+        return precision_top1(cfg, dm, task, args.epochs, precisions)
     loads = []
     for r in range(args.rounds):
         for aug in augments:

@@ -63,10 +63,21 @@ def _cpu_supports(kind: str) -> bool:
         return False
 
 
+def _cpu_has_amx_bf16() -> bool:
+    """AMX tiles with bf16 (Intel Sapphire Rapids and later), from the kernel's CPU flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+    except OSError:
+        return False
+
+
 def check_precision(tcfg: Any) -> str:
     """Plan time: the trainer's precision runs on this machine's accelerator; returns it. bf16 on a CPU
     without AVX-512 BF16 / AMX (torch's oneDNN check), or fp16 on a CPU without AVX-512 FP16, is refused.
-    `auto` is bf16-mixed where the accelerator has bf16, else 32-true (the summary says which trained)."""
+    `auto` is bf16-mixed on a GPU with bf16 or a CPU with AMX-BF16, else 32-true (the summary says which
+    trained): on a Zen 4 with AVX-512 BF16 but no AMX, bf16-mixed trained ×1.5 slower than f32
+    (docs/benchmarks.md, issue 19), so bf16 support alone does not make it the faster choice."""
     import torch
 
     from edgebuild.errors import EdgebuildError
@@ -78,7 +89,8 @@ def check_precision(tcfg: Any) -> str:
     accel = str(tcfg.accelerator)
     on_gpu = accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available())
     if precision == "auto":
-        bf16 = (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) if on_gpu else _cpu_supports("bf16")
+        bf16 = ((torch.cuda.is_available() and torch.cuda.is_bf16_supported()) if on_gpu
+                else _cpu_supports("bf16") and _cpu_has_amx_bf16())
         return "bf16-mixed" if bf16 else "32-true"
     kind = "bf16" if precision.startswith("bf16") else "16" if precision.startswith("16") else None
     if kind is None:

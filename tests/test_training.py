@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from edgebuild import testing
 from edgebuild.data import augment_batch
 from edgebuild.errors import EdgebuildError
-from edgebuild.finetune import _cpu_supports, check_precision, resolve_optimizer
+from edgebuild.finetune import _cpu_has_amx_bf16, _cpu_supports, check_precision, resolve_optimizer
 from edgebuild.pipeline import plan
 from tests.conftest import FAST, run_cli
 
@@ -126,9 +126,22 @@ def test_supported_precisions_pass_the_plan_and_auto_follows_the_cpu():
 
     assert check_precision(SimpleNamespace(precision="32-true", accelerator="cpu")) == "32-true"
     auto = check_precision(SimpleNamespace(precision="auto", accelerator="cpu"))
-    assert auto == ("bf16-mixed" if _cpu_supports("bf16") else "32-true")
+    assert auto == ("bf16-mixed" if _cpu_supports("bf16") and _cpu_has_amx_bf16() else "32-true")
     if _cpu_supports("bf16"):
         assert check_precision(SimpleNamespace(precision="bf16-mixed", accelerator="cpu")) == "bf16-mixed"
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_auto_precision_is_bf16_only_with_amx(monkeypatch, amx):
+    """AVX-512 BF16 alone trained slower than f32 (docs/benchmarks.md): auto wants AMX as well."""
+    from types import SimpleNamespace
+
+    import edgebuild.finetune as finetune
+
+    monkeypatch.setattr(finetune, "_cpu_supports", lambda kind: kind == "bf16")
+    monkeypatch.setattr(finetune, "_cpu_has_amx_bf16", lambda: amx)
+    auto = check_precision(SimpleNamespace(precision="auto", accelerator="cpu"))
+    assert auto == ("bf16-mixed" if amx else "32-true")
 
 
 def test_unsupported_precision_exits_2_before_any_stage(tmp_path):
