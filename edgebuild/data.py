@@ -246,7 +246,18 @@ def imagefolder_source(cfg: Any, cache_dir: Path) -> Source:
 
 def _decode_folder(cfg: Any, cache_dir: Path, names: list[str], signature: str, images_: list,
                    parse: Callable) -> Source:
+    labelled = [(e, *parse(e[0])) for e in images_ if parse(e[0])[1]]
+    by_split: dict[str, list] = {}
+    for item in labelled:
+        by_split.setdefault(item[1], []).append(item)
     key = f"{signature}|{cfg.image_size}|{cfg.channels}"
+    if not set(by_split) >= {"train", "val", "test"} and cfg.limit and cfg.limit < len(labelled):
+        # decode (and resize) only the images DataModule._limit keeps of the pool: all 50,000 CIFAR images
+        # at 224x224 would take 7.5 GB; the pool order is the splits' in turn, as below
+        pool_order = [item for items in by_split.values() for item in items]
+        keep = np.sort(np.random.default_rng(0).permutation(len(pool_order))[:cfg.limit])
+        labelled = [pool_order[i] for i in keep]
+        key += f"|limit {cfg.limit}"
     decoded = cache_dir / "decoded" / hashlib.sha256(key.encode()).hexdigest()
     npz = decoded.with_suffix(".npz")
     if npz.exists():
@@ -256,10 +267,7 @@ def _decode_folder(cfg: Any, cache_dir: Path, names: list[str], signature: str, 
     else:
         index = {n: i for i, n in enumerate(names)}
         buckets: dict[str, tuple[list, list]] = {}
-        for rel, where, read in images_:
-            split, cls = parse(rel)
-            if not cls:
-                continue
+        for (_, where, read), split, cls in labelled:
             img = _decode(read(), where)
             img = _resize(img.transpose(2, 0, 1)[None], cfg.image_size, cfg.channels)[0]
             xs, ys = buckets.setdefault(split, ([], []))
@@ -356,12 +364,12 @@ class DataModule:
             size, channels = self.cfg.image_size, self.cfg.channels
             fit = lambda d: d if d.images.shape[1:] == (channels, size, size) else Labelled(  # noqa: E731
                 _resize(d.images, size, channels), d.labels)
-            source.pool = fit(source.pool) if source.pool is not None else None
             splits = {k: fit(v) for k, v in (source.splits or {}).items()}
             if source.pool is not None:
                 # a held-out test split that came with the data stays; the pool gives train and val
                 test_frac = 0.0 if "test" in splits else self.cfg.split.test
-                pool = self._limit(source.pool, self.cfg.limit)
+                # limit before resizing: 50,000 CIFAR images upsampled to 224 would need 7.5 GB (uint8)
+                pool = fit(self._limit(source.pool, self.cfg.limit))
                 parts = _split_pool(pool, self.cfg.split.val, test_frac, self.cfg.split.seed, self.stratify)
                 splits = {**parts, **splits} if "test" in splits else parts
             for s in SPLITS:

@@ -46,6 +46,20 @@ def test_imagefolder_plain_layout_is_split_by_seed(tmp_path):
     assert x.dtype == np.float32 and x.shape == (4, 3, 8, 8)
 
 
+def test_limit_is_taken_before_the_resize(tmp_path, monkeypatch):
+    """A 224-pixel build on 1,000 of CIFAR's 50,000 images resizes 1,000, not 50,000 (7.5 GB)."""
+    import edgebuild.data as data
+
+    resized = []
+    real = data._resize
+    monkeypatch.setattr(data, "_resize", lambda images, *a: resized.append(len(images)) or real(images, *a))
+    root = make_folder(tmp_path / "pets", per_class=20)
+    dm = DataModule(data_cfg(tmp_path, "data=imagefolder", f"data.root={root}", "data.image_size=16",
+                             "data.limit=10"), tmp_path)
+    assert sum(len(dm.splits[s].labels) for s in ("train", "val", "test")) == 10
+    assert dm.splits["train"].images.shape[1:] == (3, 16, 16) and sum(resized) == 10
+
+
 def test_imagefolder_keeps_given_split_folders(tmp_path):
     root = tmp_path / "ds"
     for split, n in (("train", 10), ("val", 3), ("test", 4)):
