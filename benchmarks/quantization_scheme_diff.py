@@ -14,5 +14,6 @@ for dev in ("CPU", "GPU", "NPU"):
     q = nncf.quantize(model, data, subset_size=20, target_device=nncf.TargetDevice[dev])
     fq = [op for op in q.get_ops() if op.get_type_name() == "FakeQuantize"]
     levels = collections.Counter(int(op.get_attributes()["levels"]) for op in fq)
-    consumers = collections.Counter(next(iter(op.output(0).get_target_inputs())).get_node().get_type_name() for op in fq)
+    consumers = collections.Counter(next(iter(op.output(0).get_target_inputs())).get_node().get_type_name()
+                                    for op in fq)
     print(dev, "FakeQuantize", len(fq), "levels", dict(levels), "feeding", dict(consumers))

@@ -234,7 +234,8 @@ def print_summary(summary: dict[str, Any], path: Path) -> None:
         console.print(f"data loaded in {summary['data_seconds']:.1f} s "
                       "(decoded once per cache.dir; not in stage seconds)")
     if summary.get("import_seconds", 0) >= 0.1:
-        console.print(f"Lightning imported in {summary['import_seconds']:.1f} s (once per process; not in stage seconds)")
+        console.print(f"Lightning imported in {summary['import_seconds']:.1f} s "
+                      "(once per process; not in stage seconds)")
     for note in summary.get("notes", []):
         console.print(f"[yellow]note:[/yellow] {note}")
     console.print(f"summary: {path}")

@@ -150,7 +150,8 @@ class ExecuTorchRuntime(Runtime):
                                                 request.ignored_patterns))
         float_model = self._from_torch(source, scratch)
         meta = {**request.meta, "format": self.format}
-        return Quantized(Artifact(self.format, workdir, [PTE_FILE], meta), float_model, [], {"target_device": self.quantization_device(), "calibration_method": "pt2e-default"})
+        scheme = {"target_device": self.quantization_device(), "calibration_method": "pt2e-default"}
+        return Quantized(Artifact(self.format, workdir, [PTE_FILE], meta), float_model, [], scheme)
 
     def compile(self, artifact: Artifact, device: str, batch: int) -> ExecuTorchSession:
         rt = _require()

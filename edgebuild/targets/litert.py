@@ -163,7 +163,9 @@ class LiteRTRuntime(Runtime):
                                          request.ignored_patterns))
         # deploy_* meta goes into model.json: a user feeding the int8 model needs scale and zero point
         meta = {**request.meta, "format": self.format, "deploy_io_quantization": io}
-        return Quantized(Artifact(self.format, workdir, [TFLITE_FILE], meta), self._from_torch(source, scratch), [], {"target_device": self.quantization_device(), "calibration_method": "pt2e-default"})
+        scheme = {"target_device": self.quantization_device(), "calibration_method": "pt2e-default"}
+        return Quantized(Artifact(self.format, workdir, [TFLITE_FILE], meta), self._from_torch(source, scratch), [],
+                         scheme)
 
     def compress_weights(self, source: Artifact, weights: str, folder: Path, output_names: list[str],
                          meta: dict[str, Any]) -> Artifact:
