@@ -481,7 +481,7 @@ def test_latency_percentiles_are_exact_then_within_the_stated_error_in_fixed_mem
 def test_busy_union_kept_incrementally_equals_the_sorted_union():
     from edgebuild.stream.stats import BusyUnion
 
-    rng = np.random.default_rng(1)  # async-like: 25 ms of work every 10 ms with gaps, arriving a few places out of order
+    rng = np.random.default_rng(1)  # async-like: overlapping work with gaps, arriving a few places out of order
     starts = np.cumsum(rng.uniform(0, 0.02, 3000))
     intervals = [(float(a), float(a + rng.uniform(0.001, 0.025))) for a in starts]
     order = np.argsort(np.arange(len(intervals)) + rng.uniform(0, 8, len(intervals)))

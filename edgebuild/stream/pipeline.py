@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from edgebuild.errors import EdgebuildError
-from edgebuild.stream.stats import STAGES, StreamStats
+from edgebuild.stream.stats import STAGES, StreamStats  # noqa: F401 - STAGES: pipeline.STAGES for callers
 
 POLICIES = ("drop_oldest", "block")
 KEEP_RECORDS = 1800  # processed frames' records kept for quality: one minute at 30 FPS, about 5 MB
