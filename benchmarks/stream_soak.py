@@ -27,11 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 FLAT_MB = 1.0  # "no growth": under 1 MB over the post-warm-up soak (about 0.07 KB per frame over 8 min at 30 FPS)
 
 
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def rss_mb() -> tuple[float, float]:
+    """(VmRSS, RssAnon) in MB. RssAnon is the heap (what a growing summary grows); VmRSS adds file-backed pages
+    (the runtimes' libraries), which the kernel may reclaim or fault back in under other processes' pressure."""
+    f = {k: int(v.split()[0]) / 1024 for k, v in (line.split(":", 1) for line in
+                                                   Path("/proc/self/status").read_text().splitlines() if ":" in line)
+         if k in ("VmRSS", "RssAnon")}
+    return f.get("VmRSS", float("nan")), f.get("RssAnon", float("nan"))
 
 
 def cpu_model() -> str:
@@ -71,16 +73,18 @@ def main() -> None:
             now = time.perf_counter()
             if now - last[0] >= a.window:
                 e2e = np.asarray(window)
-                rows.append((now - t0, rss_mb(), len(e2e), record.index + 1 - last[1] - len(e2e),
+                rss, anon = rss_mb()
+                rows.append((now - t0, rss, len(e2e), record.index + 1 - last[1] - len(e2e),
                              float(np.percentile(e2e, 50)), float(np.percentile(e2e, 90)), os.getloadavg()[0],
-                             total[0]))
-                print(f"{rows[-1][0]:7.0f} s  RSS {rows[-1][1]:7.1f} MB  {len(e2e)} frames  {rows[-1][3]} dropped  "
+                             total[0], anon))
+                print(f"{rows[-1][0]:7.0f} s  RSS {rss:8.2f} MB (anon {anon:.2f})  {len(e2e)} frames  {rows[-1][3]} "
+                      "dropped  "
                       f"p50 {rows[-1][4]:.2f} ms  p90 {rows[-1][5]:.2f} ms  load {rows[-1][6]:.2f}", flush=True)
                 window.clear()
                 last[0], last[1] = now, record.index + 1
 
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    start_rss, load0 = rss_mb(), os.getloadavg()
+    start_rss, load0 = rss_mb()[0], os.getloadavg()
     m, result = measure(model, source, StreamConfig(fps=a.fps, frames=frames, keep_records=keep), (None, None),
                         (2000.0, 3.7), energy_source="model", on_result=on_result)
     source.close()
@@ -90,22 +94,29 @@ def main() -> None:
           f"{'/'.join(f'{v:.2f}' for v in load1)} at end; RSS {start_rss:.1f} MB after loading the model\n")
     print("| window ending at s | " + " | ".join(f"{r[0]:.0f}" for r in rows) + " |")
     print("|---|" + "---|" * len(rows))
-    for label, i, fmt in (("RSS MB", 1, "{:.1f}"), ("frames", 2, "{}"), ("dropped", 3, "{}"),
-                          ("e2e p50 ms", 4, "{:.2f}"), ("e2e p90 ms", 5, "{:.2f}"), ("load (1 min)", 6, "{:.2f}")):
+    for label, i, fmt in (("RSS MB", 1, "{:.2f}"), ("RssAnon MB", 8, "{:.2f}"), ("frames", 2, "{}"),
+                          ("dropped", 3, "{}"), ("e2e p50 ms", 4, "{:.2f}"), ("e2e p90 ms", 5, "{:.2f}"),
+                          ("load (1 min)", 6, "{:.2f}")):
         print(f"| {label} | " + " | ".join(fmt.format(r[i]) for r in rows) + " |")
     warm = next((k for k, r in enumerate(rows) if k >= 1 and r[7] >= keep), None)
     if warm is not None and warm < len(rows) - 1:
         first, final = rows[warm], rows[-1]
         n = final[7] - first[7]
-        growth = final[1] - first[1]
-        post = [r[1] for r in rows[warm:]]
         print(f"\nafter warm-up (window ending {first[0]:.0f} s, {first[7]} frames processed: the {keep}-record window "
-              f"full) to {final[0]:.0f} s: RSS {growth:+.2f} MB over {n} frames ({growth * 1024 / max(1, n):+.4f} KB "
-              f"per processed frame); post-warm-up windows' RSS range {max(post) - min(post):.2f} MB; "
-              f"{'FLAT' if abs(growth) <= FLAT_MB else 'GROWING'} (|growth| <= {FLAT_MB} MB is flat)")
+              f"full) to {final[0]:.0f} s, {n} frames:")
+        for name, i in (("RSS", 1), ("RssAnon", 8)):
+            growth, post = final[i] - first[i], [r[i] for r in rows[warm:]]
+            print(f"- {name} {growth:+.2f} MB ({growth * 1024 / max(1, n):+.4f} KB per processed frame); range of the "
+                  f"post-warm-up windows {max(post) - min(post):.2f} MB; "
+                  f"{'FLAT' if abs(growth) <= FLAT_MB else 'GROWING'} (|growth| <= {FLAT_MB} MB is flat)")
         p50s = [r[4] for r in rows[warm:]]
+        t = np.asarray([r[0] for r in rows[warm:]]) / 60
+        slope = lambda y: float(np.polyfit(t, y, 1)[0])  # noqa: E731 - least squares per minute
         print(f"e2e p50 per window after warm-up: median {statistics.median(p50s):.2f} ms, range "
-              f"{min(p50s):.2f}-{max(p50s):.2f} ms, last minus first {final[4] - first[4]:+.2f} ms")
+              f"{min(p50s):.2f}-{max(p50s):.2f} ms, last minus first {final[4] - first[4]:+.2f} ms; trend (least "
+              f"squares over those windows): RSS {slope([r[1] for r in rows[warm:]]):+.3f} MB/min, RssAnon "
+              f"{slope([r[8] for r in rows[warm:]]):+.3f} MB/min, e2e p50 {slope(p50s):+.3f} ms/min, "
+              f"p90 {slope([r[5] for r in rows[warm:]]):+.3f} ms/min")
     print(f"stream: {m['stream/processed_frames']} frames processed, {m['stream/fps']:.2f} fps, "
           f"{m['stream/dropped_frames']} dropped ({m['stream/dropped_fraction']:.1%}), e2e p50 "
           f"{m['stream/e2e_p50_ms']:.2f} / p90 {m['stream/e2e_p90_ms']:.2f} / p99 {m['stream/e2e_p99_ms']:.2f} ms "
