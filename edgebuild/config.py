@@ -261,6 +261,7 @@ class StreamConf:
     policy: str = "drop_oldest"  # drop_oldest | block: what a full ring does
     reuse_threshold: float = bounded(0.0, ge=0, le=1)  # frame reuse below this mean abs difference (of 255); 0: off
     requests: int = bounded(1, ge=1)  # inferences in flight: 1 synchronous, N > 1 async (runtimes with ASYNC)
+    keep_records: int = bounded(1800, ge=0)  # the last N processed frames kept for quality (pipeline.KEEP_RECORDS)
     seed: int = bounded(0, ge=0)  # of the generated video
     battery_mah: float = bounded(2000.0, gt=0)  # battery life estimate: capacity ...
     battery_volts: float = bounded(3.7, gt=0)  # ... and voltage

@@ -451,3 +451,101 @@ def test_ctrl_c_stops_both_threads_with_a_partial_table_and_no_half_written_file
     j = json.loads(js.read_text())  # complete JSON (written atomically), marked partial
     assert j["stream/interrupted"] == 1 and 1 <= j["stream/processed_frames"] < 18000
     assert sorted(f.name for f in tmp_path.iterdir()) == ["out.json"]  # no temporary file left
+
+
+# ------------------------------------------------------------------ bounded memory over long streams
+def test_latency_percentiles_are_exact_then_within_the_stated_error_in_fixed_memory():
+    from edgebuild.stream.stats import Quantiles
+
+    rng = np.random.default_rng(0)  # a long synthetic stream: a lognormal body, a heavy (Pareto) tail, sub-µs values
+    x = np.concatenate([rng.lognormal(2.5, 0.4, 60_000), rng.pareto(1.5, 20_000) * 30 + 5, rng.uniform(0, 1e-3, 20)])
+    rng.shuffle(x)
+    q = Quantiles(exact=1000)
+    for v in x[:1000]:
+        q.add(v)
+    assert q.exact and [q.percentile(p) for p in (0, 50, 90, 99, 100)] == list(np.percentile(x[:1000], [0, 50, 90,
+                                                                                                          99, 100]))
+    for v in x[1000:40_000]:
+        q.add(v)
+    assert not q.exact and q.values is None
+    nbytes = q.counts.nbytes
+    for v in x[40_000:]:
+        q.add(v)
+    assert q.counts.nbytes == nbytes < 20_000 and q.n == len(x)  # the histogram's size does not grow
+    for p in (0, 0.1, 1, 10, 50, 90, 99, 99.9, 100):  # the bound the docs state, relative, for values >= 1 µs
+        exact = np.percentile(x, p)
+        assert abs(q.percentile(p) - exact) <= q.rel_error * exact * (1 + 1e-9), p
+    assert q.max == x.max() and q.min == x.min() and q.mean() == pytest.approx(x.mean(), rel=1e-12)
+
+
+def test_busy_union_kept_incrementally_equals_the_sorted_union():
+    from edgebuild.stream.stats import BusyUnion
+
+    rng = np.random.default_rng(1)  # async-like: overlapping work with gaps, arriving a few places out of order
+    starts = np.cumsum(rng.uniform(0, 0.02, 3000))
+    intervals = [(float(a), float(a + rng.uniform(0.001, 0.025))) for a in starts]
+    order = np.argsort(np.arange(len(intervals)) + rng.uniform(0, 8, len(intervals)))
+    u = BusyUnion(window=16)
+    for i in order:
+        u.add(*intervals[i])
+    assert len(u.heap) <= 16 and u.seconds() == pytest.approx(pipeline.union_seconds(intervals), rel=1e-12)
+
+
+def test_a_stream_longer_than_its_record_bound_keeps_the_bound_and_the_full_metrics(model):
+    frames = frames_of(model, 30, seed=6)
+    seen = []
+    cfg = pipeline.StreamConfig(fps=1e6, frames=10**6, depth=2, policy="block", keep_records=8)
+    m, result = measure(model, MemorySource(frames), cfg, (2.0, 0.1), (1000.0, 3.7), on_result=seen.append)
+    assert len(seen) == 30 and [r.index for r in result.records] == list(range(22, 30))  # the last 8 kept
+    # every metric but quality equals the computation over all 30 records (exact region: 30 < EXACT_LATENCIES)
+    e2e = np.asarray([(r.t_done - r.t_capture) * 1000.0 for r in seen])
+    assert m["stream/processed_frames"] == m["stream/frames"] == m["stream/inferences"] == 30
+    for p in (50, 90, 99):
+        assert m[f"stream/e2e_p{p}_ms"] == np.percentile(e2e, p)
+    assert m["stream/e2e_mean_ms"] == e2e.mean() and m["stream/e2e_max_ms"] == e2e.max()
+    assert m["stream/e2e_rel_error"] == 0 and not any("histogram" in n for n in result.notes)
+    assert m["stream/fps"] == pytest.approx(29 / (seen[-1].t_done - seen[0].t_done), rel=1e-12)
+    for s in pipeline.STAGES:
+        assert m[f"stream/{s}_ms"] == pytest.approx(sum(r.times[s] for r in seen) * 1000 / 30, rel=1e-12)
+    assert m["stream/busy_ms_per_inference"] == pytest.approx(
+        pipeline.union_seconds([r.span for r in seen]) * 1000 / 30, rel=1e-12)
+    # quality over the kept frames, and said so
+    from edgebuild.stream.quality import detection_map
+
+    assert m["stream/quality_frames"] == 8
+    q = detection_map([r.result for r in result.records], [frames[r.index].truth for r in result.records])
+    assert m["stream/map_50_95"] == q["map/50_95"]
+    assert any("last 8 processed frames of 30" in n for n in result.notes)
+    # reuse's cost over the kept window: the kept frames inferred again equal the stream without reuse on them
+    cfg = pipeline.StreamConfig(fps=1e6, frames=10**6, depth=2, policy="block", keep_records=8, reuse_threshold=1.0)
+    m, result = measure(model, MemorySource(frames), cfg, (2.0, 0.1), (1000.0, 3.7))
+    assert m["stream/inferences"] == 1 and m["stream/reused_frames"] == 29 and len(result.records) == 8
+    every = detection_map([seen[r.index].result for r in result.records], [frames[r.index].truth for r in
+                                                                           result.records])
+    assert m["stream/map_50_95_every_frame"] == every["map/50_95"]
+
+
+def test_dropped_frames_are_counted_beyond_the_kept_indices(model):
+    frames, seen = frames_of(model, 60), []
+    cfg = pipeline.StreamConfig(fps=1e6, frames=10**6, depth=1, policy="drop_oldest", keep_records=3)
+    m, result = measure(model, MemorySource(frames), cfg, (2.0, 0.1), (1000.0, 3.7), on_result=seen.append)
+    dropped = sorted(set(range(60)) - {r.index for r in seen})  # every frame was captured: the rest were dropped
+    assert m["stream/dropped_frames"] == len(dropped) > 3 and m["stream/processed_frames"] == len(seen)
+    assert result.dropped == dropped[-3:] and [r.index for r in result.records] == [r.index for r in seen[-3:]]
+
+
+def test_cli_keep_records_bounds_the_quality_window_and_is_checked(built, tmp_path, capsys):
+    js = tmp_path / "k.json"
+    assert main([built[1]["deploy"], "--frames", "12", "--policy", "block", "--keep-records", "4", "--json",
+                 str(js)]) == 0
+    j = json.loads(js.read_text())
+    assert j["stream/processed_frames"] == 12 and j["stream/quality_frames"] == 4 and "stream/map_50" in j
+    assert main([built[1]["deploy"], "--keep-records", "-1"]) == 2 and "keep-records" in capsys.readouterr().err
+
+
+def test_generated_video_keeps_one_segment_and_draws_any_frame_again():
+    v = ShapesVideo(64, 64, seed=2, still=0.4, slow=0.3)
+    forward = [v.scene_time(i) for i in range(900)]
+    assert isinstance(v._segment, tuple)  # one segment's state, not a list per frame
+    assert [v.scene_time(i) for i in (850, 3, 500, 0, 899)] == [forward[i] for i in (850, 3, 500, 0, 899)]
+    assert forward == list(np.cumsum([0.0] + [v.speed(i) for i in range(899)]))  # the clock sums the speeds

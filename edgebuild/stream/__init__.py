@@ -42,9 +42,12 @@ def measure(model: Any, source: Any, cfg: Any, power: tuple[float | None, float 
     metrics = dict(result.metrics)
     if annotate is not None:
         metrics["stream/annotated_frames"] = annotate.close()
-    metrics.update(quality.stream_quality(result, model, source))
-    if hasattr(model, "stream_metrics"):  # a cascade: escalation rate, small vs escalated latency
-        metrics.update(model.stream_metrics(result.records))
+    q = quality.stream_quality(result, model, source)
+    metrics.update(q)
+    if q and q["stream/quality_frames"] < metrics["stream/processed_frames"]:
+        result.notes.append(f"quality (mAP / accuracy) over the last {q['stream/quality_frames']} processed frames of "
+                            f"{metrics['stream/processed_frames']} (keep_records; the other metrics cover them all)")
+    metrics.update(result.model_metrics)  # a cascade: escalation rate, small vs escalated latency
     metrics.update(energy.for_stream(metrics, power[0], power[1], *battery,
                                      rapl_j=meter.joules() if meter is not None else None, source=energy_source,
                                      device=energy.device_latency(model.session)))
@@ -79,7 +82,8 @@ def maybe_run(deployable: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
         source = labelled_frames(split.images, split.labels, frames, f"held-out images ({ctx.cfg.eval.split} split, "
                                  "cycled)")
     cfg = StreamConfig(fps=float(c.fps), frames=frames, depth=int(c.depth), policy=str(c.policy),
-                       reuse_threshold=float(c.reuse_threshold), requests=int(c.requests))
+                       reuse_threshold=float(c.reuse_threshold), requests=int(c.requests),
+                       keep_records=int(c.keep_records))
     power = OmegaConf.to_container(ctx.target.cfg.spec.power, resolve=True)
     precision = energy.precision_key(model.session.runtime_info().get("runtime/precision"))
     active, idle, _ = energy.device_powers(power, precision)

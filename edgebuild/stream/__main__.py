@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "synchronous stream of the same frames")
     p.add_argument("--reuse-threshold", type=float, default=0.0, help="reuse the last result for frames whose mean "
                    "absolute difference from the last inferred frame is below this fraction of 255 (0: off)")
+    p.add_argument("--keep-records", type=int, default=None, help="keep the last N processed frames' results and "
+                   "ground truth for quality (mAP, reuse cost; default 1800); the other metrics cover every frame "
+                   "in memory that does not grow with the stream")
     p.add_argument("--size", default=None, help="WxH of the generated video (default: the model's input size)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated video")
     p.add_argument("--still", type=float, default=0.0, help="generated video: expected fraction of the time the "
@@ -70,7 +73,7 @@ def check_args(a: argparse.Namespace) -> tuple[int, int] | None:
     if a.frames is None and not (math.isfinite(a.seconds) and a.seconds > 0):
         raise EdgebuildError(f"--seconds {a.seconds:g} must be positive", "give --seconds > 0, or --frames N")
     StreamConfig(fps=a.fps, frames=frames_of(a), depth=a.depth, policy=a.policy,
-                 reuse_threshold=a.reuse_threshold, requests=a.requests).check()
+                 reuse_threshold=a.reuse_threshold, requests=a.requests, keep_records=keep_of(a)).check()
     for flag in ("active_watts", "idle_watts"):
         v = getattr(a, flag)
         if v is not None and not (math.isfinite(v) and v >= 0):
@@ -97,6 +100,12 @@ def check_args(a: argparse.Namespace) -> tuple[int, int] | None:
     return w, h
 
 
+def keep_of(a: argparse.Namespace) -> int:
+    from edgebuild.stream.pipeline import KEEP_RECORDS
+
+    return KEEP_RECORDS if a.keep_records is None else a.keep_records
+
+
 def frames_of(a: argparse.Namespace) -> int:
     return a.frames if a.frames is not None else max(1, round(a.fps * a.seconds))
 
@@ -114,6 +123,7 @@ ROWS = [  # (label, metric, format)
     ("load + compile (ms)", "stream/load_ms", "{:.1f}"),
     ("time to first result (ms)", "stream/first_result_ms", "{:.1f}"),
     ("mAP@0.5 / mAP@[.5:.95] / recall (vs exact boxes)", None, None),
+    ("quality over the last N processed frames (kept)", "stream/quality_frames", "{}"),
     ("mAP@[.5:.95] every frame inferred / reuse cost (points)", None, None),
     ("top-1 accuracy (vs the frames' labels)", None, None),
     ("cascade: threshold; escalated to the big model", None, None),
@@ -219,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             idle = a.idle_watts
         annotate = Annotator(Path(a.annotate).expanduser(), a.fps, model.class_names) if a.annotate else None
         cfg = StreamConfig(fps=a.fps, frames=frames, depth=a.depth, policy=a.policy, reuse_threshold=a.reuse_threshold,
-                           requests=a.requests)
+                           requests=a.requests, keep_records=keep_of(a))
         if a.requests > 1 and not model.async_capable:  # before anything streams
             raise EdgebuildError(f"--requests {a.requests} asks for asynchronous inference, which {model.describe} "
                                  "does not offer", "give --requests 1, or a deployable on a runtime with "

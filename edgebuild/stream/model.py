@@ -86,6 +86,42 @@ class CascadeOutputs(list):
     big_s: float = 0.0  # the big model's preprocessing + inference (0 when the small one answered)
 
 
+class CascadeTally:
+    """A cascade stream's measured escalation rate (of the frames inferred: reused ones ran no model) and where the
+    time went: e2e latency of the frames the small model answered vs those the big one did. Bounded memory: counts,
+    sums and two latency histograms (stats.Quantiles)."""
+
+    def __init__(self, threshold: float):
+        from edgebuild.stream.stats import Quantiles
+
+        self.threshold = threshold
+        self.inferred = self.up = 0
+        self.small_ms = self.big_ms = 0.0
+        self.e2e = {True: Quantiles(), False: Quantiles()}  # escalated or not
+
+    def add(self, r: Any) -> None:
+        if r.reused:
+            return
+        up = bool(r.result["escalated"])
+        self.inferred += 1
+        self.up += up
+        self.small_ms += r.result["small_ms"]
+        self.big_ms += r.result["big_ms"] if up else 0.0
+        self.e2e[up].add((r.t_done - r.t_capture) * 1000.0)
+
+    def metrics(self) -> dict[str, Any]:
+        up, stay = self.e2e[True], self.e2e[False]
+        return {"stream/cascade_threshold": self.threshold,
+                "stream/cascade_escalated": self.up / self.inferred if self.inferred else 0.0,
+                "stream/cascade_escalated_frames": self.up,
+                "stream/cascade_small_ms": self.small_ms / self.inferred if self.inferred else float("nan"),
+                "stream/cascade_big_ms": self.big_ms / self.up if self.up else float("nan"),
+                "stream/cascade_e2e_p50_small_ms": stay.percentile(50),
+                "stream/cascade_e2e_p90_small_ms": stay.percentile(90),
+                "stream/cascade_e2e_p50_escalated_ms": up.percentile(50),
+                "stream/cascade_e2e_p90_escalated_ms": up.percentile(90)}
+
+
 class CascadeModel:
     """A cascade deployable (model.json `deploy_cascade`) in the stream: the small model on every frame, the big one
     when the small one's top-1 softmax confidence is below the threshold (edgebuild.stages.cascade's rule,
@@ -126,24 +162,16 @@ class CascadeModel:
         out.escalated, out.confidence, out.small_s = bool(escalate[0]), float(confidence[0]), t1 - t0
         return out
 
+    def stream_tally(self) -> CascadeTally:
+        """Counted as the frames are processed (pipeline.run): the escalation rate over the whole stream."""
+        return CascadeTally(self.threshold)
+
     def stream_metrics(self, records: list[Any]) -> dict[str, Any]:
-        """The measured escalation rate (of the frames inferred: reused ones ran no model) and where the time went:
-        e2e latency of the frames the small model answered vs those the big one did."""
-        inferred = [r for r in records if not r.reused]
-        up = [r for r in inferred if r.result["escalated"]]
-        stay = [r for r in inferred if not r.result["escalated"]]
-
-        def e2e(rs: list[Any], q: int) -> float:
-            return float(np.percentile([(r.t_done - r.t_capture) * 1000.0 for r in rs], q)) if rs else float("nan")
-
-        return {"stream/cascade_threshold": self.threshold,
-                "stream/cascade_escalated": len(up) / len(inferred) if inferred else 0.0,
-                "stream/cascade_escalated_frames": len(up),
-                "stream/cascade_small_ms": float(np.mean([r.result["small_ms"] for r in inferred])) if inferred
-                else float("nan"),
-                "stream/cascade_big_ms": float(np.mean([r.result["big_ms"] for r in up])) if up else float("nan"),
-                "stream/cascade_e2e_p50_small_ms": e2e(stay, 50), "stream/cascade_e2e_p90_small_ms": e2e(stay, 90),
-                "stream/cascade_e2e_p50_escalated_ms": e2e(up, 50), "stream/cascade_e2e_p90_escalated_ms": e2e(up, 90)}
+        """The same metrics from a list of records."""
+        tally = self.stream_tally()
+        for r in records:
+            tally.add(r)
+        return tally.metrics()
 
     def postprocess(self, outputs: CascadeOutputs, frame_size: tuple[int, int]) -> dict[str, Any]:
         result = self.small.postprocess(outputs, frame_size)  # softmax top-1 of the answering model's logits

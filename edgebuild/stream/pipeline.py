@@ -23,6 +23,11 @@ whole blocks.
 Busy time (what energy per inference multiplies): the union of the inferred frames' [preprocess start,
 postprocess end] intervals, so overlapped asynchronous requests count once (`union_seconds`).
 
+Bounded memory, however long the stream runs: the summary is kept as the frames arrive (stats.StreamStats: counts,
+stage sums, the busy-time union, e2e percentiles exact up to stats.EXACT_LATENCIES frames, then within 0.5 %), and
+only the last `keep_records` processed frames' records (timings, result, ground truth) are kept, for quality (mAP,
+reuse's mAP cost), the exactness test and a cascade's per-frame answers; dropped frame indices likewise.
+
 Both threads are real OS threads; the runtimes release the GIL while they compute, and decode / numpy do for
 their bulk work, so the two overlap as they would on a device. The stream ends after `frames` frames, at the
 end of a finite source, or on stop (Ctrl-C): both threads stop, the ring is drained or abandoned, never hangs.
@@ -31,7 +36,6 @@ end of a finite source, or on stop (Ctrl-C): both threads stop, the ring is drai
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from collections import deque
@@ -41,9 +45,10 @@ from typing import Any
 import numpy as np
 
 from edgebuild.errors import EdgebuildError
+from edgebuild.stream.stats import STAGES, StreamStats  # noqa: F401 - STAGES: pipeline.STAGES for callers
 
 POLICIES = ("drop_oldest", "block")
-STAGES = ("decode", "preprocess", "inference", "postprocess")
+KEEP_RECORDS = 1800  # processed frames' records kept for quality: one minute at 30 FPS, about 5 MB
 REUSE_BLOCK = 8  # the reuse check compares 8x8 block means: 1/64 of the values, a fraction of a millisecond
 
 
@@ -55,6 +60,7 @@ class StreamConfig:
     policy: str = "drop_oldest"
     reuse_threshold: float = 0.0  # 0: infer every frame
     requests: int = 1  # inferences in flight at once: 1 synchronous; N > 1 the runtime's async requests (ASYNC)
+    keep_records: int = KEEP_RECORDS  # the last N processed frames' records (quality is computed over them)
 
     def check(self) -> None:
         if not (isinstance(self.fps, (int, float)) and math.isfinite(self.fps) and self.fps > 0):
@@ -71,6 +77,9 @@ class StreamConfig:
         if not (isinstance(self.requests, int) and self.requests >= 1):
             raise EdgebuildError(f"stream requests {self.requests}: at least one inference request is needed",
                                  "give --requests 1 (synchronous) or N > 1 (asynchronous, where the runtime has it)")
+        if not (isinstance(self.keep_records, int) and self.keep_records >= 0):
+            raise EdgebuildError(f"keep_records {self.keep_records}: the number of frames kept for quality must be "
+                                 ">= 0", f"give --keep-records N >= 0 (default {KEEP_RECORDS}; 0 keeps none: no mAP)")
         if not 0 <= self.reuse_threshold <= 1:
             raise EdgebuildError(f"reuse threshold {self.reuse_threshold} is outside 0..1 (a fraction of full scale)",
                                  "give a small fraction, e.g. 0.02, or 0 to infer every frame")
@@ -86,12 +95,13 @@ class Item:
 class Ring:
     """A bounded FIFO between two threads with an explicit full policy (collections.deque + one condition)."""
 
-    def __init__(self, depth: int, policy: str):
+    def __init__(self, depth: int, policy: str, keep_dropped: int | None = None):
         self.depth, self.policy = depth, policy
         self.items: deque[Item] = deque()
         self.cond = threading.Condition()
         self.closed = self.aborted = False
-        self.dropped: list[int] = []  # frame indices evicted unprocessed
+        self.dropped_count = 0  # frames evicted unprocessed
+        self.dropped: deque[int] = deque(maxlen=keep_dropped)  # the last `keep_dropped` of their indices
         self.high_water = 0
 
     def put(self, item: Item) -> None:
@@ -101,6 +111,7 @@ class Ring:
                     self.cond.wait()
             elif len(self.items) >= self.depth:
                 self.dropped.append(self.items.popleft().frame.index)
+                self.dropped_count += 1
             if self.aborted:
                 return
             self.items.append(item)
@@ -146,10 +157,11 @@ class Record:
 
 @dataclass
 class StreamResult:
-    metrics: dict[str, Any]
-    records: list[Record]
-    dropped: list[int]
+    metrics: dict[str, Any]  # over the whole stream
+    records: list[Record]  # the last `keep_records` processed frames
+    dropped: list[int]  # the last `keep_records` dropped frames' indices
     notes: list[str] = field(default_factory=list)
+    model_metrics: dict[str, Any] = field(default_factory=dict)  # a model's own tally (a cascade's escalations)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -188,12 +200,12 @@ def run(model: Any, source: Any, cfg: StreamConfig, t_start: float | None = None
     loaded) dates the time to first result; `sink.put(pixels, result)` receives every processed frame (annotation);
     `on_result(record)` is called (inference thread) after each processed frame (the CLI's progress line)."""
     cfg.check()
-    ring = Ring(cfg.depth, cfg.policy)
+    ring = Ring(cfg.depth, cfg.policy, cfg.keep_records)
     stop = threading.Event()
     errors: list[BaseException] = []
-    records: list[Record] = []
-    captures: list[float] = []
-    decode_s: list[float] = []
+    records: deque[Record] = deque(maxlen=cfg.keep_records)
+    stats = StreamStats()
+    tally = model.stream_tally() if hasattr(model, "stream_tally") else None  # a cascade counts its escalations
 
     def capture() -> None:
         period, next_t = 1.0 / cfg.fps, time.perf_counter()
@@ -209,8 +221,7 @@ def run(model: Any, source: Any, cfg: StreamConfig, t_start: float | None = None
                 if frame is None:
                     break
                 dt = time.perf_counter() - t_capture
-                captures.append(t_capture)
-                decode_s.append(dt)
+                stats.capture(t_capture)
                 ring.put(Item(frame, t_capture, dt))
                 # the camera's clock: the next frame one period later; a capture that fell behind (slow decode, a
                 # blocked ring) continues from now instead of bursting the missed frames
@@ -259,13 +270,17 @@ def run(model: Any, source: Any, cfg: StreamConfig, t_start: float | None = None
 
     def emit(item: Item, t_done: float, times: dict[str, float], reused: bool, result: Any, pixels: Any,
              size: tuple[int, int], span: tuple[float, float] | None) -> None:
-        """One frame's result, from either inference loop: recorded, annotated, handed to the caller."""
-        records.append(Record(item.frame.index, item.t_capture, t_done, times, reused, result, item.frame.truth, size,
-                              span))
+        """One frame's result, from either inference loop: counted, kept (the last keep_records), annotated (as it
+        goes), handed to the caller."""
+        record = Record(item.frame.index, item.t_capture, t_done, times, reused, result, item.frame.truth, size, span)
+        stats.add(record)
+        if tally is not None:
+            tally.add(record)
+        records.append(record)
         if sink is not None:
             sink.put(pixels, result)
         if on_result is not None:
-            on_result(records[-1])
+            on_result(record)
 
     def infer_async() -> None:
         """N requests in flight: start each frame's inference, postprocess the oldest when N are busy."""
@@ -343,70 +358,32 @@ def run(model: Any, source: Any, cfg: StreamConfig, t_start: float | None = None
         for t in threads:
             t.join(5)
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-        if not records or not captures:
+        if not stats.processed or not stats.captured:
             raise Interrupted(None) from None
-        partial = summarize(list(records), ring, list(captures), cfg, cpu, wall, t_start, model)
+        partial = stats.metrics(ring.dropped_count, ring.high_water, cfg, cpu, wall, t_start, model)
         partial["stream/interrupted"] = 1
         raise Interrupted(StreamResult(partial, list(records), list(ring.dropped), ["interrupted (Ctrl-C): the "
-                          "numbers cover the frames processed until then"])) from None
+                          "numbers cover the frames processed until then", *filter(None, [stats.latency_note()])],
+                          tally.metrics() if tally else {})) from None
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     if errors:
         raise errors[0]
-    if not records:
+    if not stats.processed:
         raise EdgebuildError("the stream processed no frame: the source gave none", "check the source")
-    metrics = summarize(records, ring, captures, cfg, cpu, wall, t_start, model)
-    notes = []
+    metrics = stats.metrics(ring.dropped_count, ring.high_water, cfg, cpu, wall, t_start, model)
+    notes = [n for n in [stats.latency_note()] if n]
     if model.resized:
         notes.append(f"frames of {model.resized[0]}x{model.resized[1]} were resized to the model's input "
                      f"{model.width}x{model.height} (PIL bilinear), as model.json's preprocessing says")
-    return StreamResult(metrics, records, list(ring.dropped), notes)
+    return StreamResult(metrics, list(records), list(ring.dropped), notes, tally.metrics() if tally else {})
 
 
 def summarize(records: list[Record], ring: Ring, captures: list[float], cfg: StreamConfig, cpu: float, wall: float,
               t_start: float | None, model: Any) -> dict[str, Any]:
-    e2e = np.asarray([(r.t_done - r.t_capture) * 1000.0 for r in records])
-    # results per second between the first and the last result, counted like captured_fps (n - 1 intervals): a
-    # stream that keeps up processes at the offered rate, not above it
-    done = [r.t_done for r in records]
-    span = done[-1] - done[0]
-    inferred = [r for r in records if not r.reused]
-    per_stage = {s: float(sum(r.times[s] for r in records)) for s in STAGES}
-    busy = sum(per_stage.values())
-    m: dict[str, Any] = {
-        "stream/offered_fps": float(cfg.fps),
-        "stream/captured_fps": float((len(captures) - 1) / (captures[-1] - captures[0])) if len(captures) > 1
-        else float(cfg.fps),
-        "stream/fps": float((len(records) - 1) / span) if len(records) > 1 and span > 0 else float(cfg.fps),
-        "stream/frames": len(captures),
-        "stream/processed_frames": len(records),
-        "stream/dropped_frames": len(ring.dropped),
-        "stream/dropped_fraction": len(ring.dropped) / len(captures),
-        "stream/inferences": len(inferred),
-        "stream/reused_frames": len(records) - len(inferred),
-        "stream/reuse_fraction": (len(records) - len(inferred)) / len(records),
-        "stream/e2e_p50_ms": float(np.percentile(e2e, 50)),
-        "stream/e2e_p90_ms": float(np.percentile(e2e, 90)),
-        "stream/e2e_p99_ms": float(np.percentile(e2e, 99)),
-        "stream/e2e_mean_ms": float(e2e.mean()),
-        "stream/e2e_max_ms": float(e2e.max()),
-        "stream/cpu_util": cpu / wall,  # process CPU seconds per wall second, all threads: 1.0 = one core busy
-        "stream/cpu_util_machine": cpu / wall / (os.cpu_count() or 1),
-        "stream/wall_s": wall,
-        "stream/ring_depth": cfg.depth,
-        "stream/requests": cfg.requests,
-        "stream/ring_high_water": ring.high_water,
-        "stream/load_ms": float(model.load_ms),
-    }
-    for s in STAGES:
-        m[f"stream/{s}_ms"] = per_stage[s] * 1000.0 / len(records if s == "decode" else (inferred or records))
-        m[f"stream/share_{s}"] = per_stage[s] / busy if busy else 0.0
-    # the model's work per inferred frame (decode aside): what energy per inference multiplies. Busy time is the
-    # union of the frames' work intervals: two overlapped async requests keep the device busy once, not twice
-    work = sum(sum(r.times[s] for s in STAGES[1:]) for r in inferred)
-    m["stream/busy_ms_per_inference"] = union_seconds([r.span for r in inferred if r.span]) * 1000.0 / max(
-        1, len(inferred))
-    m["stream/work_ms_per_inference"] = work * 1000.0 / max(1, len(inferred))  # overlaps counted each time
-    m["stream/busy_ms_per_frame"] = busy * 1000.0 / len(records)
-    if t_start is not None:  # load + compile + the first frame's capture, decode and model work
-        m["stream/first_result_ms"] = (min(r.t_done for r in records) - t_start) * 1000.0
-    return m
+    """The metrics of given records and capture times (what `run` keeps incrementally, from lists)."""
+    stats = StreamStats()
+    for t in captures:
+        stats.capture(t)
+    for r in records:
+        stats.add(r)
+    return stats.metrics(ring.dropped_count, ring.high_water, cfg, cpu, wall, t_start, model)

@@ -1,7 +1,8 @@
 """The stream's accuracy, measured against the generated video's exact boxes: COCO mAP (torchmetrics with the
-pycocotools backend, as the build's detection evaluator) over the processed frames, each scored with the result
-the stream produced for it (a reused result included: that is frame reuse's accuracy cost). A classifier streamed
-over labelled frames (a build's held-out images) gets its top-1 accuracy the same way."""
+pycocotools backend, as the build's detection evaluator) over the processed frames the stream kept (the last
+`keep_records`; `stream/quality_frames` says how many), each scored with the result the stream produced for it (a
+reused result included: that is frame reuse's accuracy cost). A classifier streamed over labelled frames (a build's
+held-out images) gets its top-1 accuracy the same way."""
 
 from __future__ import annotations
 
@@ -31,11 +32,13 @@ def stream_quality(result: Any, model: Any, source: Any) -> dict[str, float]:
     untimed) and the difference in points: `stream/reuse_map_cost` (x100 of mAP@[.5:.95], positive = worse)."""
     records = [r for r in result.records if r.truth is not None]
     if records and "label" in records[0].truth:  # a classifier on labelled frames: top-1 accuracy
-        return {"stream/acc_top1": float(np.mean([r.result["label"] == int(r.truth["label"]) for r in records]))}
+        return {"stream/acc_top1": float(np.mean([r.result["label"] == int(r.truth["label"]) for r in records])),
+                "stream/quality_frames": len(records)}
     if not model.is_detection or not records:
         return {}
     q = detection_map([r.result for r in records], [r.truth for r in records])
-    out = {"stream/map_50_95": q["map/50_95"], "stream/map_50": q["map/50"], "stream/recall_100": q["map/recall_100"]}
+    out = {"stream/map_50_95": q["map/50_95"], "stream/map_50": q["map/50"], "stream/recall_100": q["map/recall_100"],
+           "stream/quality_frames": len(records)}
     reused = [r for r in records if r.reused]
     if reused and hasattr(source, "frame"):
         fresh = []

@@ -56,9 +56,7 @@ class ShapesVideo:
                                  "in [0, 1] with still + slow <= 1", "give e.g. --still 0.5 --slow 0.2")
         self.width, self.height, self.seed, self.frames = width, height, seed, frames
         self.still, self.slow = float(still), float(slow)
-        self._segments = np.random.default_rng([seed, 31])
-        self._speeds: list[float] = []  # per frame: the scene clock's advance to the next frame
-        self._clock = [0.0]  # scene time of frame i
+        self._segment: tuple[int, int, float, float] | None = None  # (first frame, frames, speed, scene time then)
         self.num_classes = max(1, min(num_classes, len(SHAPES)))
         self.kinds = SHAPES
         rng = np.random.default_rng([seed, 17])
@@ -98,24 +96,35 @@ class ShapesVideo:
         return (f"generated moving shapes {self.width}x{self.height}, {len(self.objects)} objects, seed "
                 f"{self.seed}{motion}")
 
+    def _segment_of(self, i: int) -> tuple[int, int, float, float]:
+        """The segment holding frame i. Segments are drawn in order from the seed, whatever order frames are asked
+        in; only the current one is kept (memory does not grow with the stream): asking for an earlier frame draws
+        again from the start (a few microseconds per segment)."""
+        seg = self._segment
+        if seg is None or i < seg[0]:
+            self._segments = np.random.default_rng([self.seed, 31])
+            seg = (0, 0, 0.0, 0.0)
+        while i >= seg[0] + seg[1]:
+            n = int(self._segments.integers(self.SEGMENT_FRAMES[0], self.SEGMENT_FRAMES[1] + 1))
+            u = float(self._segments.uniform())
+            v = 0.0 if u < self.still else self.SLOW_SPEED if u < self.still + self.slow else 1.0
+            # speeds are multiples of 1/4: the scene clock is an exact float sum, however it is added up
+            seg = (seg[0] + seg[1], n, v, seg[3] + seg[1] * seg[2])
+        self._segment = seg
+        return seg
+
     def speed(self, i: int) -> float:
         """How far the scene moves from frame i to i + 1, in frames of normal motion: 0 still, SLOW_SPEED, or 1."""
         if not (self.still or self.slow):
             return 1.0
-        while len(self._speeds) <= i:  # segments are drawn in order, whatever order frames are asked in
-            n = int(self._segments.integers(self.SEGMENT_FRAMES[0], self.SEGMENT_FRAMES[1] + 1))
-            u = float(self._segments.uniform())
-            v = 0.0 if u < self.still else self.SLOW_SPEED if u < self.still + self.slow else 1.0
-            self._speeds += [v] * n
-        return self._speeds[i]
+        return self._segment_of(i)[2]
 
     def scene_time(self, i: int) -> float:
         """Frame i's position on the scene's clock (= i without still or slow periods)."""
         if not (self.still or self.slow):
             return i
-        while len(self._clock) <= i:
-            self._clock.append(self._clock[-1] + self.speed(len(self._clock) - 1))
-        return self._clock[i]
+        start, _, v, t = self._segment_of(i)
+        return t + (i - start) * v
 
     @staticmethod
     def _bounce(lo: float, hi: float, start: float, offset: float) -> float:
@@ -180,17 +189,33 @@ class MemorySource:
         pass
 
 
-def labelled_frames(images: np.ndarray, labels: np.ndarray, n: int, name: str = "held-out images") -> MemorySource:
+class LabelledFrames(MemorySource):
     """A classifier's stream: n frames cycling through uint8 [N, C, H, W] images (grey repeated to RGB), each with
     its label as ground truth ({"label": int}): the stream's top-1 accuracy and, for a cascade, its escalations are
-    measured on the data the model was built for, not on shapes it never saw."""
-    frames = []
-    for i in range(n):
-        chw = images[i % len(images)]
+    measured on the data the model was built for, not on shapes it never saw. Frames are made as they are read
+    (a view of the images): a long stream holds no more than the images themselves."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, n: int, name: str = "held-out images"):
+        self.images, self.labels, self.n, self.name, self._next = images, labels, n, name, 0
+
+    def describe(self) -> str:
+        return f"{self.n} {self.name}"
+
+    def frame(self, i: int) -> Frame:
+        chw = self.images[i % len(self.images)]
         hwc = np.repeat(chw, 3, axis=0) if chw.shape[0] == 1 else chw[:3]
-        frames.append(Frame(i, np.ascontiguousarray(hwc.transpose(1, 2, 0)),
-                            {"label": np.asarray(int(labels[i % len(labels)]), np.int64)}))
-    return MemorySource(frames, name)
+        return Frame(i, np.ascontiguousarray(hwc.transpose(1, 2, 0)),
+                     {"label": np.asarray(int(self.labels[i % len(self.labels)]), np.int64)})
+
+    def read(self) -> Frame | None:
+        if self._next >= self.n:
+            return None
+        self._next += 1
+        return self.frame(self._next - 1)
+
+
+def labelled_frames(images: np.ndarray, labels: np.ndarray, n: int, name: str = "held-out images") -> LabelledFrames:
+    return LabelledFrames(images, labels, n, name)
 
 
 class FolderSource:
