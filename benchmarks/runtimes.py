@@ -35,6 +35,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.training import cpu_model  # noqa: E402
 
 MACS_TARGET = 0.3
+# OpenVINO reports the hint it compiled with as an element type; benchmark_app's -infer_precision takes short names
+BENCHMARK_APP_PRECISION = {"float32": "f32", "f32": "f32", "bfloat16": "bf16", "bf16": "bf16", "float16": "f16",
+                           "f16": "f16"}
 DATA = ROOT.parent / "shared" / "data" / "cifar10-train.tar.gz"
 
 
@@ -56,10 +59,11 @@ def case_args(case: str, limit: int, epochs: int, rounds: int) -> list[str]:
     raise SystemExit(f"unknown case {case!r}: use cifar, mobilenet_v2_224, moonshot")
 
 
-def benchmark_app_ms(xml: Path, threads: int, seconds: int = 10) -> float | None:
-    """benchmark_app's median latency (ms) of an IR at batch 1, one stream, sync API."""
+def benchmark_app_ms(xml: Path, threads: int, seconds: int = 10, precision: str | None = None) -> float | None:
+    """benchmark_app's median latency (ms) of an IR at batch 1, one stream, sync API, at the inference precision
+    edgebuild compiled it with (on a bf16 CPU benchmark_app's own default is bf16, not f32)."""
     cmd = ["benchmark_app", "-m", str(xml), "-d", "CPU", "-hint", "none", "-nstreams", "1", "-nthreads", str(threads),
-           "-b", "1", "-api", "sync", "-t", str(seconds)]
+           "-b", "1", "-api", "sync", "-t", str(seconds), *(["-infer_precision", precision] if precision else [])]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=300).stdout
     except (OSError, subprocess.TimeoutExpired):
@@ -106,13 +110,21 @@ def print_candidates(title: str, rows: list[dict], candidates_dir: Path, threads
         bapp = ""
         if step["params"]["runtime"] == "openvino":
             xml = next((candidates_dir / step["name"]).glob("*.xml"), None)
-            ms = benchmark_app_ms(xml, int(threads)) if xml else None
+            hint = BENCHMARK_APP_PRECISION.get(str(m.get("runtime/inference_precision_hint")))
+            ms = benchmark_app_ms(xml, int(threads), precision=hint) if xml else None
             bapp = "" if ms is None else f"{ms:.3f} (x{m['latency/p50_ms'] / ms:.2f})"
         top1 = m.get("acc/top1")
         top1 = "" if top1 is None else f"{top1 * 100:.2f} %" + (" (untrained)" if untrained else "")
         print(f"| {step['name']} | {m['latency/p50_ms']:.3f} {spread} | {bapp} | {m.get('latency/load_ms', 0):.0f} | "
               f"{m.get('size/bytes', 0) / 1e6:.2f} | {top1} | {m.get('runtime/precision', '')} | "
               f"{'PICK' if step.get('pick') else ''} |")
+
+
+def macs_of_pick(stage: dict) -> float:
+    """A shootout stage's MACs: its picked candidate's (shootout.json beside the artifact)."""
+    listed = Path(stage["artifact"]).parent / "shootout.json"
+    rows = json.loads(listed.read_text()) if listed.exists() else []
+    return next((r["metrics"].get("macs", 0) for r in rows if r.get("pick")), 0)
 
 
 def print_moonshot(summary: dict, returncode: int) -> None:
@@ -126,7 +138,8 @@ def print_moonshot(summary: dict, returncode: int) -> None:
         m = stages[name]["metrics"]
         pick = next((n.split("pick: ", 1)[1].split(" ")[0] for n in summary.get("notes", [])
                      if n.startswith(f"{name}: pick: ")), "")
-        print(f"| {name} | {pick} | {m.get('macs', 0) / 1e6:.0f} | {m['latency/interleaved_ms']:.3f} | "
+        macs = m.get("macs") or macs_of_pick(stages[name])
+        print(f"| {name} | {pick} | {macs / 1e6:.0f} | {m['latency/interleaved_ms']:.3f} | "
               f"x{dense / m['latency/interleaved_ms']:.2f} | {m.get('runtime/precision', '')} |")
 
 
