@@ -82,7 +82,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train-epochs", type=int, default=30)
     p.add_argument("--epochs", type=int, default=15, help="training after the trained CNN, per variant")
-    p.add_argument("--sparsity", type=float, default=0.2, help="gate L1 weight")
+    p.add_argument("--sparsity", type=float, default=5.0, help="weight of the gates' sparsity (Hoyer) term")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parts", default="gates,input,shared")
