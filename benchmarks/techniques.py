@@ -1,14 +1,17 @@
-"""Issue 20's techniques on the embedded digits (8x8, 1,797 images): learned gates vs pruning criteria at equal
-MACs, Haar decomposition vs downsampling, one shared backbone vs two separate models.
+"""Issue 20's techniques on the embedded digits (8x8, 1,797 images) or other data (--data): learned gates vs pruning
+criteria at equal MACs, Haar decomposition vs downsampling, one shared backbone vs two separate models.
 
     nice -n 10 python benchmarks/techniques.py [--train-epochs 30] [--epochs 15] [--rounds 7] [--seed 0]
+    nice -n 10 python benchmarks/techniques.py --parts input --image-size 32 \
+        --data "data=imagefolder data.root=/work/shared/data/cifar10-train.tar.gz data.limit=6000 data.image_size=32"
 
 Builds (edgebuild.pipeline.build, one stage cache, so the trained CNN is built once):
 1. gates: train -> `gate` static (gate epochs + finetune epochs = --epochs in all) and dynamic; then, at the MAC
    fraction the static gates reached, `prune` (structured) with `importance: activation` and with `l1`, --epochs
    of fine-tuning each; INT8 PTQ of the three pruned models.
-2. input: `decompose` (Haar, 4 bands of 4x4) vs `resolution` to 4x4, --epochs of fine-tuning each.
-3. shared backbone: task=multihead model=multihead_cnn, heads digit (10) + size (small 0-4 / large 5-9), loss
+2. input: `decompose` (Haar, 4 bands per channel at half size) vs `resolution` to half size, --epochs of fine-tuning
+   each.
+3. shared backbone (always on the digits): task=multihead model=multihead_cnn, heads digit (10) + size (small 0-4 / large 5-9), loss
    weights 1 / 0.5; against two separate models of the same network, each trained for one task only (loss
    weights 1 / 0 and 0 / 1: the untrained head is one Linear of 24x10 or 24x2, <0.1 % of the MACs).
 Latency: every deployable compiled on the OpenVINO CPU runtime (the default target, batch 1) and timed in
@@ -49,9 +52,9 @@ def gate_stages(args: argparse.Namespace, macs_fraction: float | None) -> list[s
     return out
 
 
-def base(args: argparse.Namespace, cache: Path) -> list[str]:
+def base(args: argparse.Namespace, cache: Path, data: bool = True) -> list[str]:
     return [f"cache.dir={cache}", "tracking=none", f"seed={args.seed}", f"stages.train.epochs={args.train_epochs}",
-            "budget.min_acc=null", "budget.max_acc_drop=null", "~stages.export"]
+            "budget.min_acc=null", "budget.max_acc_drop=null", "~stages.export", *(args.data.split() if data else [])]
 
 
 def interleaved_ms(stages: dict[str, dict], cfg, rounds: int) -> dict[str, float]:
@@ -70,12 +73,16 @@ def interleaved_ms(stages: dict[str, dict], cfg, rounds: int) -> dict[str, float
     return {n: statistics.median(m) for n, m in zip(names, medians, strict=True)}
 
 
+def input_shape(st: dict) -> list[int]:
+    """The shape a stage's deployable takes, from its cache entry (the Haar split is inside the model)."""
+    import json
+
+    entry = json.loads((Path(st["artifact"]).parent / "result.json").read_text())
+    return list(entry["artifact"]["meta"]["input_shape"])
+
+
 def stage_rows(summary: dict, prefix: str = "") -> dict[str, dict]:
-    out = {}
-    for st in summary["stages"]:
-        shape = [1, 1, 8, 8] if st["kind"] != "resolution" else [1, 1, 4, 4]
-        out[prefix + st["name"]] = {**st, "input_shape": shape}
-    return out
+    return {prefix + st["name"]: {**st, "input_shape": input_shape(st)} for st in summary["stages"]}
 
 
 def main() -> None:
@@ -86,6 +93,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parts", default="gates,input,shared")
+    p.add_argument("--data", default="", help="data overrides for gates and input (shared: digits always), e.g. "
+                   "'data=imagefolder data.root=/work/shared/data/cifar10-train.tar.gz data.limit=6000 "
+                   "data.image_size=32'")
+    p.add_argument("--image-size", type=int, default=8, help="the data's image size: `resolution` goes to half")
     args = p.parse_args()
     parts = args.parts.split(",")
 
@@ -109,24 +120,26 @@ def main() -> None:
         if "input" in parts:
             cfg = testing.compose(base(args, cache) + [
                 f"+stages.haar={{kind: decompose, input: train, epochs: {args.epochs}}}",
-                f"+stages.res4={{kind: resolution, input: train, image_size: 4, epochs: {args.epochs}}}"])
+                f"+stages.res_half={{kind: resolution, input: train, image_size: {args.image_size // 2}, "
+                f"epochs: {args.epochs}}}"])
             for k, v in stage_rows(build(cfg, tmp / "in", "techniques")).items():
                 rows.setdefault(k, v)  # train: the same cached model as the gates' build
         if "shared" in parts:
             for name, weights in (("shared", "[1.0,0.5]"), ("digit_only", "[1.0,0.0]"), ("size_only", "[0.0,1.0]")):
-                cfg = testing.compose(base(args, cache) + [
+                cfg = testing.compose(base(args, cache, data=False) + [
                     "task=multihead", "model=multihead_cnn", "task.first_name=digit",
                     f"task.heads=[{{name: size, classes: [small, large], map: {SIZE_MAP}}}]".replace(" ", ""),
                     f"task.loss_weights={weights}"])
                 s = build(cfg, tmp / name, "techniques")
-                rows[name] = {**s["stages"][-1], "input_shape": [1, 1, 8, 8]}
+                rows[name] = {**s["stages"][-1], "input_shape": input_shape(s["stages"][-1])}
         latency = interleaved_ms(rows, cfg, args.rounds)
     seconds = time.perf_counter() - t0
     load1 = os.getloadavg()
 
     print(f"{cpu}; {os.cpu_count()} cores; load avg (1/5/15 min) "
           f"{load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f} at start, "
-          f"{load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f} at end; {seconds:.0f} s; seed {args.seed}; digits test split, "
+          f"{load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f} at end; {seconds:.0f} s; seed {args.seed}; "
+          f"{args.data or 'digits'} test split (shared: digits), "
           f"OpenVINO CPU batch 1, median of {args.rounds} interleaved rounds")
     train = rows.get("train", {}).get("metrics", {})
     print(f"{'stage':22} {'top-1':>7} {'drop pp':>7} {'MACs':>9} {'MACs x':>6} {'eff. MACs':>9} {'p50 ms':>7} "
