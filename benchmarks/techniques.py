@@ -11,9 +11,9 @@ Builds (edgebuild.pipeline.build, one stage cache, so the trained CNN is built o
    of fine-tuning each; INT8 PTQ of the three pruned models.
 2. input: `decompose` (Haar, 4 bands per channel at half size) vs `resolution` to half size, --epochs of fine-tuning
    each.
-3. shared backbone (always on the digits): task=multihead model=multihead_cnn, heads digit (10) + size (small 0-4 / large 5-9), loss
-   weights 1 / 0.5; against two separate models of the same network, each trained for one task only (loss
-   weights 1 / 0 and 0 / 1: the untrained head is one Linear of 24x10 or 24x2, <0.1 % of the MACs).
+3. shared backbone (always on the digits): task=multihead model=multihead_cnn, heads digit (10) + size (small 0-4 /
+   large 5-9), loss weights 1 / 0.5; against two separate models of the same network, each trained for one task only
+   (loss weights 1 / 0 and 0 / 1: the untrained head is one Linear of 24x10 or 24x2, <0.1 % of the MACs).
 Latency: every deployable compiled on the OpenVINO CPU runtime (the default target, batch 1) and timed in
 --rounds alternating rounds in this one process (evaluate.interleaved), so all see the same machine load.
 """
@@ -57,8 +57,8 @@ def base(args: argparse.Namespace, cache: Path, data: bool = True) -> list[str]:
             "budget.min_acc=null", "budget.max_acc_drop=null", "~stages.export", *(args.data.split() if data else [])]
 
 
-def interleaved_ms(stages: dict[str, dict], cfg, rounds: int) -> dict[str, float]:
-    """Median over rounds of each deployable's p50, all compiled here and timed in alternating rounds."""
+def interleaved_ms(stages: dict[str, dict], cfg, rounds: int) -> dict[str, list[float]]:
+    """[median, min, max] over rounds of each deployable's p50, all compiled here and timed in alternating rounds."""
     from edgebuild.artifact import Artifact
     from edgebuild.evaluate import interleaved
     from edgebuild.targets import make_target
@@ -70,7 +70,7 @@ def interleaved_ms(stages: dict[str, dict], cfg, rounds: int) -> dict[str, float
             for n, s in zip(names, shapes, strict=True)]  # the default target's OpenVINO IR, main file first
     sessions = [target.runtime.load(a, target.device, 1) for a in arts]
     medians = interleaved(sessions, shapes, cfg.eval.latency, rounds)
-    return {n: statistics.median(m) for n, m in zip(names, medians, strict=True)}
+    return {n: [statistics.median(m), min(m), max(m)] for n, m in zip(names, medians, strict=True)}
 
 
 def input_shape(st: dict) -> list[int]:
@@ -132,7 +132,8 @@ def main() -> None:
                     f"task.loss_weights={weights}"])
                 s = build(cfg, tmp / name, "techniques")
                 rows[name] = {**s["stages"][-1], "input_shape": input_shape(s["stages"][-1])}
-        latency = interleaved_ms(rows, cfg, args.rounds)
+        spread = interleaved_ms(rows, cfg, args.rounds)
+    latency = {n: v[0] for n, v in spread.items()}
     seconds = time.perf_counter() - t0
     load1 = os.getloadavg()
 
@@ -143,7 +144,7 @@ def main() -> None:
           f"OpenVINO CPU batch 1, median of {args.rounds} interleaved rounds")
     train = rows.get("train", {}).get("metrics", {})
     print(f"{'stage':22} {'top-1':>7} {'drop pp':>7} {'MACs':>9} {'MACs x':>6} {'eff. MACs':>9} {'p50 ms':>7} "
-          f"{'speed-up':>8} {'precision':>9}")
+          f"{'[min-max]':>13} {'speed-up':>8} {'precision':>9}")
     for name, st in rows.items():
         m = st["metrics"]
         eff = m.get("macs/effective_mean")
@@ -152,7 +153,8 @@ def main() -> None:
         ratio = m["macs"] / train["macs"] if train else float("nan")
         speed = latency["train"] / latency[name] if "train" in latency else float("nan")
         print(f"{name:22} {acc:7.4f} {drop:7.2f} {m['macs']:9,} {ratio:6.3f} {f'{eff:,.0f}' if eff else '':>9} "
-              f"{latency[name]:7.3f} {speed:8.2f} {m.get('runtime/precision', ''):>9}")
+              f"{latency[name]:7.3f} {f'[{spread[name][1]:.3f}-{spread[name][2]:.3f}]':>13} {speed:8.2f} "
+              f"{m.get('runtime/precision', ''):>9}")
     if "shared" in rows:
         sh, d, z = (rows[n]["metrics"] for n in ("shared", "digit_only", "size_only"))
         print(f"shared vs the two separate models: MACs {sh['macs'] / (d['macs'] + z['macs']):.3f}x, latency "
