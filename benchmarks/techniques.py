@@ -97,8 +97,12 @@ def main() -> None:
                    "'data=imagefolder data.root=/work/shared/data/cifar10-train.tar.gz data.limit=6000 "
                    "data.image_size=32'")
     p.add_argument("--image-size", type=int, default=8, help="the data's image size: `resolution` goes to half")
+    p.add_argument("--res-sizes", default="", help="image sizes for `resolution` (default: half --image-size); "
+                   "the Haar stem reads 4x the channels, so a size a little above half matches its MACs")
+    p.add_argument("--cache", default=None, help="a stage cache kept between runs (default: a temporary one)")
     args = p.parse_args()
     parts = args.parts.split(",")
+    sizes = [int(n) for n in args.res_sizes.split(",")] if args.res_sizes else [args.image_size // 2]
 
     from edgebuild import testing
     from edgebuild.pipeline import build
@@ -107,7 +111,7 @@ def main() -> None:
     load0, t0 = os.getloadavg(), time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cache = tmp / "cache"
+        cache = Path(args.cache).resolve() if args.cache else tmp / "cache"
         rows: dict[str, dict] = {}
         cfg = None
         if "gates" in parts:
@@ -120,8 +124,8 @@ def main() -> None:
         if "input" in parts:
             cfg = testing.compose(base(args, cache) + [
                 f"+stages.haar={{kind: decompose, input: train, epochs: {args.epochs}}}",
-                f"+stages.res_half={{kind: resolution, input: train, image_size: {args.image_size // 2}, "
-                f"epochs: {args.epochs}}}"])
+                *(f"+stages.res{n}={{kind: resolution, input: train, image_size: {n}, epochs: {args.epochs}}}"
+                  for n in sizes)])
             for k, v in stage_rows(build(cfg, tmp / "in", "techniques")).items():
                 rows.setdefault(k, v)  # train: the same cached model as the gates' build
         if "shared" in parts:
