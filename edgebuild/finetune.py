@@ -310,9 +310,11 @@ def _strategy(tcfg: Any) -> Any:
 def fit(model: Any, ctx: Any, fit_cfg: Any, *, callbacks: list[Any] | None = None,
         distill: Distillation | None = None, name: str = "fit",
         transform_best: Callable[[Any], Any] | None = None,
-        penalty: Callable[[Any], Any] | None = None) -> tuple[Any, dict[str, float]]:
+        penalty: Callable[[Any], Any] | None = None, keep_last: bool = False) -> tuple[Any, dict[str, float]]:
     """Train `model` (in place on a copy) on ctx's data; return the best-epoch model and metrics.
-    `penalty(model) -> scalar tensor` is added to every training step's loss (a stage's regularizer)."""
+    `penalty(model) -> scalar tensor` is added to every training step's loss (a stage's regularizer).
+    `keep_last`: return the last epoch's model instead, for training whose goal is not the val metric
+    alone (a sparsity term: the best-val epoch is the least sparse one, usually the first)."""
     import pytorch_lightning as pl
     import torch
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
@@ -363,7 +365,7 @@ def fit(model: Any, ctx: Any, fit_cfg: Any, *, callbacks: list[Any] | None = Non
     if trainer.interrupted:
         raise KeyboardInterrupt
     seconds = time.perf_counter() - t0
-    if checkpoint.best_model_path:
+    if checkpoint.best_model_path and not keep_last:
         state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
     rec = json.loads(record.read_text()) if record.exists() else {"epoch_s": [], "best": None, "epochs": 0}
