@@ -80,7 +80,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="end-of-build interleaved latency rounds")
     p.add_argument("--latency-size", type=int, default=224, help="IRs reshaped to this for a second latency table")
     p.add_argument("--probe", action="store_true",
-                   help="only train and plain INT8 (per-channel, per-tensor, few calibration images): is it hurt?")
+                   help="only train and plain INT8 variants (per-tensor, no bias correction, 16/8/4/2 calibration images, "
+                        "mixed preset): is it hurt?")
     p.add_argument("--cache-dir", default=str(ROOT / "outputs" / "bench-cache-qdiag"))
     p.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "quantization_diagnostics"))
     args = p.parse_args()
@@ -93,9 +94,13 @@ def main() -> None:
             "budget.max_size_bytes=null", f"data.calibration.size={args.samples}", "eval.latency.rounds=0"]
     pc = f"per_channel: {str(not args.per_tensor).lower()}"
     if args.probe:
-        probe = edgebuild([*base, "stages.quantize.per_channel=true", stage_node("per_tensor", "per_channel: false"),
-                           stage_node("cal16", "calibration: {samples: 16}"),
-                           stage_node("per_tensor_cal16", "per_channel: false, calibration: {samples: 16}")],
+        variants = {"per_tensor": "per_channel: false", "no_bias_correction": "bias_correction: none",
+                    "per_tensor_no_bias_correction": "per_channel: false, bias_correction: none",
+                    **{f"cal{n}": f"calibration: {{samples: {n}}}" for n in (16, 8, 4, 2)},
+                    "per_tensor_cal16": "per_channel: false, calibration: {samples: 16}",
+                    "per_tensor_cal4": "per_channel: false, calibration: {samples: 4}",
+                    "mixed_cal8": "preset: mixed, calibration: {samples: 8}"}
+        probe = edgebuild([*base, "stages.quantize.per_channel=true", *[stage_node(n, o) for n, o in variants.items()]],
                           out / "probe")
         f32 = probe["stages"][0]["metrics"]["acc/top1"]
         for s in probe["stages"]:
