@@ -74,6 +74,8 @@ def main() -> None:
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (the hard case)")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--samples", type=int, default=300, help="calibration images")
+    p.add_argument("--cal-samples", type=int, default=None,
+                   help="calibration.samples on every stage: the first N of the --samples subset (a fixed subset)")
     p.add_argument("--sens-top", type=int, default=1000, help="layers metric-checked in the report (default: all)")
     p.add_argument("--max-drop", type=float, default=0.003, help="float_layers=auto and accuracy control")
     p.add_argument("--data", nargs="*", default=[], help="extra data overrides, e.g. data=imagefolder data.root=...")
@@ -93,6 +95,11 @@ def main() -> None:
             f"cache.dir={args.cache_dir}", "tracking=none", "budget.min_acc=null", "budget.max_acc_drop=null",
             "budget.max_size_bytes=null", f"data.calibration.size={args.samples}", "eval.latency.rounds=0"]
     pc = f"per_channel: {str(not args.per_tensor).lower()}"
+
+    def cal(method: str | None = None) -> str:  # one calibration mapping per stage: method and/or samples
+        items = [f"method: {method}"] * bool(method) + [f"samples: {args.cal_samples}"] * bool(args.cal_samples)
+        return f", calibration: {{{', '.join(items)}}}" if items else ""
+
     if args.probe:
         variants = {"per_tensor": "per_channel: false", "no_bias_correction": "bias_correction: none",
                     "per_tensor_no_bias_correction": "per_channel: false, bias_correction: none",
@@ -108,21 +115,22 @@ def main() -> None:
                   f"{(f32 - s['metrics']['acc/top1']) * 100:+.2f} pp  ({s['seconds']:.0f} s)")
         return
     a_stages = [f"stages.quantize.per_channel={str(not args.per_tensor).lower()}",
-                stage_node("sens", f"{pc}, sensitivity: true, sensitivity_top: {args.sens_top}"),
-                stage_node("auto", f"{pc}, float_layers: auto, max_drop: {args.max_drop}"),
-                stage_node("nncf_ac", f"{pc}, max_drop: {args.max_drop}"),
-                *[stage_node(f"cal_{m}", f"{pc}, calibration: {{method: {m}}}") for m in NNCF_METHODS]]
+                *([f"++stages.quantize.calibration.samples={args.cal_samples}"] if args.cal_samples else []),
+                stage_node("sens", f"{pc}{cal()}, sensitivity: true, sensitivity_top: {args.sens_top}"),
+                stage_node("auto", f"{pc}{cal()}, float_layers: auto, max_drop: {args.max_drop}"),
+                stage_node("nncf_ac", f"{pc}{cal()}, max_drop: {args.max_drop}"),
+                *[stage_node(f"cal_{m}", f"{pc}{cal(m)}") for m in NNCF_METHODS]]
     t0 = time.perf_counter()
     a = edgebuild([*base, *a_stages], out / "a")
     print(f"build A {time.perf_counter() - t0:.0f} s", flush=True)
     rows_a = {s["name"]: s for s in a["stages"]}
     sens = json.loads((Path(rows_a["sens"]["artifact"]) / "sensitivity.json").read_text())
     top, median = sens[0], sens[len(sens) // 2]  # by SQNR over all layers
-    b_stages = [*a_stages, stage_node("top_float", f"{pc}, ignored_names: ['{top['layer']}']"),
-                stage_node("median_float", f"{pc}, ignored_names: ['{median['layer']}']")]
+    b_stages = [*a_stages, stage_node("top_float", f"{pc}{cal()}, ignored_names: ['{top['layer']}']"),
+                stage_node("median_float", f"{pc}{cal()}, ignored_names: ['{median['layer']}']")]
     b = edgebuild([*[o for o in base if not o.startswith("eval.latency.rounds")], f"eval.latency.rounds={args.rounds}",
                    *b_stages], out / "b")
-    ort_stages = [stage_node(f"ort_{m}", f"{pc}, calibration: {{method: {m}}}") for m in ORT_METHODS]
+    ort_stages = [stage_node(f"ort_{m}", f"{pc}{cal(m)}") for m in ORT_METHODS]
     c = edgebuild([*[o for o in base if o != "target=cpu"], "target=onnxruntime", "stages.quantize=null",
                    *ort_stages], out / "c")
     timed = ("train", "quantize", "auto", "nncf_ac", "top_float", "median_float")
