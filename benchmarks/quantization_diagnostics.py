@@ -1,7 +1,8 @@
 """Quantization diagnostics (issue 16) on a model where plain INT8 PTQ hurts: the sensitivity report, its
 rank agreement with the metric cost, `float_layers: auto` vs NNCF's accuracy control, and calibration methods.
 
-    python benchmarks/quantization_diagnostics.py [--model mobilenet_v3_small] [--per-tensor] [--epochs 6]
+    python benchmarks/quantization_diagnostics.py [--model mobilenet_v3_small] [--bn-momentum 0.1] [--per-tensor]
+        [--epochs 6] [--data data=imagefolder data.root=../shared/data/cifar10-train.tar.gz data.limit=20000 ...]
 
 Three edgebuild builds (`python -m edgebuild`, one stage cache, so training runs once):
   A  target=cpu (OpenVINO): train -> plain INT8 (`quantize`), the full sensitivity report (`sens`, every layer
@@ -12,7 +13,9 @@ Three edgebuild builds (`python -m edgebuild`, one stage cache, so training runs
      stage's deployable interleaved in one process (`latency/interleaved_ms`): the speed-ups come from there;
   C  target=onnxruntime: ONNX Runtime's minmax / entropy / percentile calibration.
 Top-1 is each stage's deployable on the held-out test split; the sensitivity metric checks and the float_layers
-choice use the validation split. "Speed-up kept" = (t_float - t_mixed) / (t_float - t_int8).
+choice use the validation split. "Speed-up kept" = (t_float - t_mixed) / (t_float - t_int8), at the model's own
+input size and, because a 32x32 MobileNet is dispatch-bound (INT8 gains little there), with the same IRs reshaped
+to --latency-size (latency only), interleaved in this process.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quantization import interleaved_latency  # noqa: E402
 NNCF_METHODS = ("minmax", "mean_minmax", "percentile")
 ORT_METHODS = ("minmax", "entropy", "percentile")
 
@@ -65,29 +70,44 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="mobilenet_v3_small", help="torchvision model name")
     p.add_argument("--width", type=float, default=None, help="model.kwargs.width_mult (mobilenet_v2)")
+    p.add_argument("--bn-momentum", type=float, default=None, help="model.bn_momentum (MobileNetV3: 0.1)")
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (the hard case)")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--samples", type=int, default=300, help="calibration images")
+    p.add_argument("--cal-samples", type=int, default=None,
+                   help="calibration.samples on every stage: the first N of the --samples subset (a fixed subset)")
     p.add_argument("--sens-top", type=int, default=1000, help="layers metric-checked in the report (default: all)")
     p.add_argument("--max-drop", type=float, default=0.003, help="float_layers=auto and accuracy control")
     p.add_argument("--data", nargs="*", default=[], help="extra data overrides, e.g. data=imagefolder data.root=...")
     p.add_argument("--rounds", type=int, default=5, help="end-of-build interleaved latency rounds")
+    p.add_argument("--latency-size", type=int, default=224, help="IRs reshaped to this for a second latency table")
     p.add_argument("--probe", action="store_true",
-                   help="only train and plain INT8 (per-channel, per-tensor, few calibration images): is it hurt?")
+                   help="only train and plain INT8 variants (per-tensor, no bias correction, 16/8/4/2 calibration images, "
+                        "mixed preset): is it hurt?")
     p.add_argument("--cache-dir", default=str(ROOT / "outputs" / "bench-cache-qdiag"))
     p.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "quantization_diagnostics"))
     args = p.parse_args()
     out = Path(args.out)
     load_start = os.getloadavg()[0]
-    model = [f"model.name={args.model}"] + ([f"model.kwargs.width_mult={args.width}"] if args.width else [])
+    model = [f"model.name={args.model}"] + ([f"model.kwargs.width_mult={args.width}"] if args.width else []) \
+        + ([f"model.bn_momentum={args.bn_momentum}"] if args.bn_momentum else [])
     base = ["recipe=mobilenet_int8_vpu", "target=cpu", *model, *args.data, f"stages.train.epochs={args.epochs}",
             f"cache.dir={args.cache_dir}", "tracking=none", "budget.min_acc=null", "budget.max_acc_drop=null",
             "budget.max_size_bytes=null", f"data.calibration.size={args.samples}", "eval.latency.rounds=0"]
     pc = f"per_channel: {str(not args.per_tensor).lower()}"
+
+    def cal(method: str | None = None) -> str:  # one calibration mapping per stage: method and/or samples
+        items = [f"method: {method}"] * bool(method) + [f"samples: {args.cal_samples}"] * bool(args.cal_samples)
+        return f", calibration: {{{', '.join(items)}}}" if items else ""
+
     if args.probe:
-        probe = edgebuild([*base, "stages.quantize.per_channel=true", stage_node("per_tensor", "per_channel: false"),
-                           stage_node("cal16", "calibration: {samples: 16}"),
-                           stage_node("per_tensor_cal16", "per_channel: false, calibration: {samples: 16}")],
+        variants = {"per_tensor": "per_channel: false", "no_bias_correction": "bias_correction: none",
+                    "per_tensor_no_bias_correction": "per_channel: false, bias_correction: none",
+                    **{f"cal{n}": f"calibration: {{samples: {n}}}" for n in (16, 8, 4, 2)},
+                    "per_tensor_cal16": "per_channel: false, calibration: {samples: 16}",
+                    "per_tensor_cal4": "per_channel: false, calibration: {samples: 4}",
+                    "mixed_cal8": "preset: mixed, calibration: {samples: 8}"}
+        probe = edgebuild([*base, "stages.quantize.per_channel=true", *[stage_node(n, o) for n, o in variants.items()]],
                           out / "probe")
         f32 = probe["stages"][0]["metrics"]["acc/top1"]
         for s in probe["stages"]:
@@ -95,23 +115,27 @@ def main() -> None:
                   f"{(f32 - s['metrics']['acc/top1']) * 100:+.2f} pp  ({s['seconds']:.0f} s)")
         return
     a_stages = [f"stages.quantize.per_channel={str(not args.per_tensor).lower()}",
-                stage_node("sens", f"{pc}, sensitivity: true, sensitivity_top: {args.sens_top}"),
-                stage_node("auto", f"{pc}, float_layers: auto, max_drop: {args.max_drop}"),
-                stage_node("nncf_ac", f"{pc}, max_drop: {args.max_drop}"),
-                *[stage_node(f"cal_{m}", f"{pc}, calibration: {{method: {m}}}") for m in NNCF_METHODS]]
+                *([f"++stages.quantize.calibration.samples={args.cal_samples}"] if args.cal_samples else []),
+                stage_node("sens", f"{pc}{cal()}, sensitivity: true, sensitivity_top: {args.sens_top}"),
+                stage_node("auto", f"{pc}{cal()}, float_layers: auto, max_drop: {args.max_drop}"),
+                stage_node("nncf_ac", f"{pc}{cal()}, max_drop: {args.max_drop}"),
+                *[stage_node(f"cal_{m}", f"{pc}{cal(m)}") for m in NNCF_METHODS]]
     t0 = time.perf_counter()
     a = edgebuild([*base, *a_stages], out / "a")
     print(f"build A {time.perf_counter() - t0:.0f} s", flush=True)
     rows_a = {s["name"]: s for s in a["stages"]}
     sens = json.loads((Path(rows_a["sens"]["artifact"]) / "sensitivity.json").read_text())
     top, median = sens[0], sens[len(sens) // 2]  # by SQNR over all layers
-    b_stages = [*a_stages, stage_node("top_float", f"{pc}, ignored_names: ['{top['layer']}']"),
-                stage_node("median_float", f"{pc}, ignored_names: ['{median['layer']}']")]
+    b_stages = [*a_stages, stage_node("top_float", f"{pc}{cal()}, ignored_names: ['{top['layer']}']"),
+                stage_node("median_float", f"{pc}{cal()}, ignored_names: ['{median['layer']}']")]
     b = edgebuild([*[o for o in base if not o.startswith("eval.latency.rounds")], f"eval.latency.rounds={args.rounds}",
                    *b_stages], out / "b")
-    ort_stages = [stage_node(f"ort_{m}", f"{pc}, calibration: {{method: {m}}}") for m in ORT_METHODS]
+    ort_stages = [stage_node(f"ort_{m}", f"{pc}{cal(m)}") for m in ORT_METHODS]
     c = edgebuild([*[o for o in base if o != "target=cpu"], "target=onnxruntime", "stages.quantize=null",
                    *ort_stages], out / "c")
+    timed = ("train", "quantize", "auto", "nncf_ac", "top_float", "median_float")
+    xmls = {s["name"]: Path(s["deployable"]) / "model.xml" for s in b["stages"] if s["name"] in timed}
+    big = interleaved_latency(xmls, args.latency_size, args.rounds, 50)
     load_end = os.getloadavg()[0]
 
     rows = {s["name"]: s for s in b["stages"]}
@@ -155,6 +179,15 @@ def main() -> None:
         result["rows"][n] = {"top1": m["acc/top1"], "latency_ms": lat[n], "rounds_ms": r,
                              "fp_layers": m.get("quantize/fp_layers"), "seconds": rows_a.get(n, rows[n])["seconds"],
                              "find_seconds": find_seconds(n) if n in ("auto", "nncf_ac") else None}
+    bl = {n: float(np.median(v)) for n, v in big.items()}
+    print(f"\nthe same IRs reshaped to {args.latency_size}x{args.latency_size} (latency only), OpenVINO CPU f32 hint, "
+          f"2 threads, median of {args.rounds} interleaved rounds of 50 [min-max]:")
+    print("| model | p50 ms | x vs float | speed-up kept |\n|---|---|---|---|")
+    for n in timed:
+        k = "-" if n in ("train", "quantize") else f"{(bl['train'] - bl[n]) / (bl['train'] - bl['quantize']) * 100:.0f} %"
+        print(f"| {names[n]} | {bl[n]:.3f} [{min(big[n]):.3f}-{max(big[n]):.3f}] | {bl['train'] / bl[n]:.2f} | {k} |")
+    result["latency_big"] = {"size": args.latency_size, "rounds_ms": big}
+    kept_big = (bl["train"] - bl["auto"]) / (bl["train"] - bl["quantize"])
     am = rows["auto"]["metrics"]
     print(f"\nfloat_layers=auto: {am.get('quantize/float_layers_auto')} layer(s) chosen; val float "
           f"{am.get('quantize/val_float'):.4f}, INT8 {am.get('quantize/val_int8'):.4f}, mixed "
@@ -203,8 +236,10 @@ def main() -> None:
     auto_drop = f32 * 100 - top1(rows["auto"])
     checks = [("plain INT8 loses >= 1 pp", drop >= 1.0, f"{drop:.2f} pp"),
               ("float_layers=auto drop <= 0.3 pp", auto_drop <= 0.3, f"{auto_drop:.2f} pp"),
-              ("float_layers=auto keeps >= 80 % of INT8's speed-up", kept("auto") >= 0.8,
+              ("float_layers=auto keeps >= 80 % of INT8's speed-up (own size)", kept("auto") >= 0.8,
                f"{kept('auto') * 100:.0f} %"),
+              (f"float_layers=auto keeps >= 80 % of INT8's speed-up ({args.latency_size}x{args.latency_size})",
+               kept_big >= 0.8, f"{kept_big * 100:.0f} %"),
               ("rank 1 in float recovers more than the median (test)",
                top1(rows["top_float"]) > top1(rows["median_float"]),
                f"{top1(rows['top_float']):.2f} vs {top1(rows['median_float']):.2f} %"),

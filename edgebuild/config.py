@@ -132,6 +132,9 @@ class ModelConf:
     in_channels: int | None = bounded(None, ge=1)  # default: the data's channel count
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
     small_input: bool = False  # torchvision models: stride-1 stem for 32x32-class inputs
+    # every BatchNorm's running-statistics momentum, set after construction (torchvision's MobileNetV3 and
+    # EfficientNet use 0.01: a short training leaves eval-mode statistics far from the data's); null = the model's
+    bn_momentum: float | None = bounded(None, gt=0, le=1)
     weights: str | None = None  # local state_dict file, or a torchvision weights name (needs network)
     strict_weights: bool = True
 

@@ -52,12 +52,25 @@ def build_model(cfg: Any, dm: Any) -> Any:
         model = builder(cfg, dm, num_classes=num_classes, in_channels=in_channels, **kwargs)
     else:
         model = _torchvision(cfg, num_classes, in_channels, kwargs)
+    if cfg.bn_momentum is not None:
+        set_bn_momentum(model, cfg.bn_momentum, cfg.name)
     if cfg.weights and Path(cfg.weights).expanduser().exists():
         load_weights(model, Path(cfg.weights).expanduser(), strict=cfg.strict_weights)
     elif cfg.weights and ("/" in cfg.weights or cfg.weights.endswith((".pt", ".pth", ".ckpt", ".safetensors"))):
         raise EdgebuildError(f"weights file {cfg.weights} does not exist",
                              "point model.weights to a local state_dict file")
     return model
+
+
+def set_bn_momentum(model: Any, momentum: float, name: str) -> None:
+    from torch import nn
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        raise EdgebuildError(f"model.bn_momentum={momentum} but model {name!r} has no BatchNorm layer",
+                             "remove model.bn_momentum (it only sets BatchNorm running-statistics momentum)")
+    for m in norms:
+        m.momentum = momentum
 
 
 def _torchvision(cfg: Any, num_classes: int, in_channels: int, kwargs: dict) -> Any:

@@ -170,6 +170,8 @@ class Builder:
         from edgebuild.artifact import file_digest
 
         model_cfg = _plain(self.cfg.model)
+        if model_cfg.get("bn_momentum") is None:  # unset: the key it had before the option, so caches stay valid
+            model_cfg.pop("bn_momentum", None)
         weights = self.cfg.model.weights
         local = Path(weights).expanduser() if weights else None
         wdigest = file_digest(local) if local and local.exists() else weights

@@ -74,3 +74,27 @@ def test_target_class(tmp_path):
 def test_unknown_model_name(tmp_path):
     with pytest.raises(EdgebuildError, match="unknown model 'mobilenet_v9'"):
         build(tmp_path, "model.name=mobilenet_v9")
+
+
+def test_bn_momentum_sets_every_batchnorm_and_enters_the_source_key(tmp_path):
+    default = build(tmp_path, "model.name=mobilenet_v3_small")
+    assert {m.momentum for m in default.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.01}  # torchvision's
+    model = build(tmp_path, "model.name=mobilenet_v3_small", "model.bn_momentum=0.1")
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) > 30 and {m.momentum for m in norms} == {0.1}
+    from edgebuild.pipeline import Builder  # the option must reach the cache key, or a stale model is reused
+
+    keys = set()
+    for extra in ([], ["model.bn_momentum=0.1"]):
+        cfg = testing.compose(testing.shrink(tmp_path) + ["data=synthetic", "model=mobilenet_v2", *extra])
+        keys.add(Builder(cfg, tmp_path / "run", "default").source().digest)
+    assert len(keys) == 2
+
+
+def test_bn_momentum_without_batchnorm_or_out_of_range_is_refused(tmp_path):
+    with pytest.raises(EdgebuildError, match="has no BatchNorm layer"):
+        build(tmp_path, "model._target_=torch.nn.Flatten", "~model.kwargs.width", "model.bn_momentum=0.1")
+    from edgebuild.config import check_config
+
+    with pytest.raises(EdgebuildError, match=r"model.bn_momentum=1.5 is out of range: it must be > 0 and <= 1"):
+        check_config(testing.compose(testing.shrink(tmp_path) + ["model.bn_momentum=1.5"]))

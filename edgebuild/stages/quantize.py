@@ -42,7 +42,7 @@ BIAS_CORRECTION = ("fast", "full", "none")
 MODEL_TYPES = ("transformer",)
 # options only some runtimes implement: option -> the capability it needs
 OPTIONAL = {"bias_correction": base.QUANTIZE_BIAS_CORRECTION, "model_type": base.QUANTIZE_MODEL_TYPE,
-            "max_drop": base.QUANTIZE_ACCURACY_CONTROL}
+            "max_drop": base.QUANTIZE_ACCURACY_CONTROL, "smooth_quant_alpha": base.QUANTIZE_SMOOTH_QUANT}
 CALIBRATION_KEYS = ("method", "samples")
 # every calibration method some runtime has (edgebuild's names; each runtime maps them to its tool's)
 CALIBRATION_METHODS = ("minmax", "mean_minmax", "percentile", "entropy")
@@ -65,6 +65,9 @@ class Quantize(Stage):
     ignored_names: list[str] = field(default_factory=list)  # layer names kept in floating point
     ignored_patterns: list[str] = field(default_factory=list)  # regexes over layer names, kept in floating point
     model_type: str | None = None  # "transformer": a transformer-aware scheme
+    # SmoothQuant (activation outliers moved into the weights) on MatMul and Convolution layers: 0 moves
+    # nothing, 1 all; NNCF 3.4 runs it only in its transformer scheme, so it needs model_type=transformer
+    smooth_quant_alpha: float | None = bounded(None, ge=0, le=1)
     # accuracy control: max absolute drop of the task's primary metric
     max_drop: float | None = bounded(None, gt=0, lt=1)
     # (0.01 = 1 pp of top-1) on the validation split
@@ -85,6 +88,10 @@ class Quantize(Stage):
         if self.max_drop is not None and not 0 < self.max_drop < 1:
             raise EdgebuildError(f"quantize: max_drop={self.max_drop} is not a fraction of the metric",
                                  "use e.g. max_drop=0.01 for at most 1 pp of top-1 (or 0.01 mAP)")
+        if self.smooth_quant_alpha is not None and self.model_type != "transformer":
+            raise EdgebuildError(f"quantize: smooth_quant_alpha={self.smooth_quant_alpha} needs "
+                                 "model_type=transformer (NNCF runs SmoothQuant only in its transformer scheme)",
+                                 "add model_type=transformer to the stage, or remove smooth_quant_alpha")
         check_patterns(self, ignored_patterns=self.ignored_patterns)
         auto = self.float_layers is not None
         if auto and self.float_layers != "auto":
@@ -146,7 +153,8 @@ class Quantize(Stage):
             symmetric=self.preset == "performance", per_channel=self.per_channel,
             ignored_names=list(self.ignored_names), ignored_patterns=list(self.ignored_patterns), preset=self.preset,
             bias_correction=self.bias_correction,
-            model_type=self.model_type, max_drop=None if auto else self.max_drop,
+            model_type=self.model_type, smooth_quant_alpha=self.smooth_quant_alpha,
+            max_drop=None if auto else self.max_drop,
             calibration_method=self.calibration.get("method"))
         files: dict[str, str] = {}
         notes: list[str] = []

@@ -46,6 +46,7 @@ QUANTIZE = "quantize"  # post-training INT8 from calibration data: Runtime.quant
 QUANTIZE_ACCURACY_CONTROL = "quantize.max_drop"  # QuantizeRequest.max_drop (float layers back until within)
 QUANTIZE_BIAS_CORRECTION = "quantize.bias_correction"  # QuantizeRequest.bias_correction
 QUANTIZE_MODEL_TYPE = "quantize.model_type"  # QuantizeRequest.model_type ("transformer")
+QUANTIZE_SMOOTH_QUANT = "quantize.smooth_quant_alpha"  # QuantizeRequest.smooth_quant_alpha (SmoothQuant)
 # Runtime.layers + Runtime.layer_outputs: per-layer float vs INT8 error, layers named as ignored_names takes them
 QUANTIZE_SENSITIVITY = "quantize.sensitivity"
 QAT = "qat"  # Runtime.qat_prepare + Runtime.qat_export (fine-tuning happens in the stage, in torch)
@@ -97,6 +98,7 @@ class QuantizeRequest:
     preset: str = "performance"  # the stage's preset name, for tools that take it as is
     bias_correction: str | None = None  # fast | full | none (QUANTIZE_BIAS_CORRECTION)
     model_type: str | None = None  # "transformer" (QUANTIZE_MODEL_TYPE)
+    smooth_quant_alpha: float | None = None  # SmoothQuant's migration strength in [0, 1] (QUANTIZE_SMOOTH_QUANT)
     max_drop: float | None = None  # absolute drop of the primary metric (QUANTIZE_ACCURACY_CONTROL)
     # how activation ranges are estimated from the calibration set: one of Runtime.calibration_methods;
     # None = the tool's default

@@ -38,8 +38,8 @@ class OpenVINORuntime(Runtime):
     suffixes = (".xml", ".bin")
     aliases = ("openvino IR",)  # the model.json format name of older deploy folders
     capabilities = frozenset({base.QUANTIZE, base.QUANTIZE_ACCURACY_CONTROL, base.QUANTIZE_BIAS_CORRECTION,
-                              base.QUANTIZE_MODEL_TYPE, base.QUANTIZE_SENSITIVITY, base.QAT, base.WEIGHTS_FP16,
-                              base.WEIGHTS_INT8, base.EXPORT, base.PROFILE, base.ASYNC})
+                              base.QUANTIZE_MODEL_TYPE, base.QUANTIZE_SMOOTH_QUANT, base.QUANTIZE_SENSITIVITY,
+                              base.QAT, base.WEIGHTS_FP16, base.WEIGHTS_INT8, base.EXPORT, base.PROFILE, base.ASYNC})
     precisions = tuple(PRECISION_HINTS)
     packages = ("openvino", "nncf")
     calibration_methods = tuple(RANGE_ESTIMATORS)
@@ -116,6 +116,11 @@ class OpenVINORuntime(Runtime):
 
             extra["activations_range_estimator_params"] = getattr(RangeEstimatorParametersSet,
                                                                   RANGE_ESTIMATORS[request.calibration_method])
+        if request.smooth_quant_alpha is not None:  # NNCF's own default smooths MatMuls only (0.95), convs off
+            from nncf.quantization.advanced_parameters import AdvancedSmoothQuantParameters
+
+            alpha = request.smooth_quant_alpha
+            extra["smooth_quant_alphas"] = AdvancedSmoothQuantParameters(convolution=alpha, matmul=alpha)
         advanced = AdvancedQuantizationParameters(
             disable_bias_correction=request.bias_correction == "none",
             weights_quantization_params=None if request.per_channel else QuantizationParameters(per_channel=False),

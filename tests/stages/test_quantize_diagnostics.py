@@ -165,6 +165,27 @@ def test_per_channel_or_per_tensor_weight_scales_on_both_runtimes(cache, target,
     assert (max(sizes) > 1) == per_channel and (min(sizes) > 1) == per_channel
 
 
+def test_smooth_quant_alpha_reaches_nncf_and_smooths_the_convolutions(cache):
+    """With smooth_quant_alpha NNCF inserts its SmoothQuant scales (Multiply .../nncf_smooth_quant) before the
+    convolutions too; the same transformer scheme without it (NNCF's default) smooths the classifier MatMul only."""
+    s = testing.build(quick(cache, "+stages.sq={kind: quantize, input: train, model_type: transformer, "
+                                   "smooth_quant_alpha: 0.5}",
+                            "+stages.plain={kind: quantize, input: train, model_type: transformer}"),
+                      cache, run_name="smooth_quant")
+
+    def smoothed(name):  # the type of the layer each SmoothQuant scale feeds
+        model = ov.Core().read_model(str(Path(stage(s, name)["artifact"]) / "model.xml"))
+        scales = [op for op in model.get_ops() if op.get_friendly_name().endswith("/nncf_smooth_quant")]
+        fed = []
+        for op in scales:  # scale -> FakeQuantize -> the smoothed layer
+            (fq,) = [t.get_node() for t in op.output(0).get_target_inputs()]
+            fed += [t.get_node().get_type_name() for t in fq.output(0).get_target_inputs()]
+        return sorted(fed)
+
+    assert smoothed("plain") == ["MatMul"]
+    assert smoothed("sq").count("Convolution") >= 2 and "MatMul" in smoothed("sq")
+
+
 def test_the_quantization_device_enters_the_cache_key():
     """target=vpu after target=cpu (same IR format) must requantize with the NPU's scheme, not hit the cache."""
     keys = {t: Quantize().cache_inputs(testing.compose([f"target={t}"])) for t in ("cpu", "vpu", "gpu")}
@@ -243,6 +264,14 @@ def test_each_target_names_the_scheme_it_quantizes_for(target, device):
                  r"sensitivity=true is not supported by target 'executorch'", id="sensitivity-executorch"),
     pytest.param(["target=litert", "+stages.q={kind: quantize, calibration: {method: minmax}}"],
                  r"not a method of target 'litert'", id="method-litert"),
+    pytest.param(["+stages.q={kind: quantize, model_type: transformer, smooth_quant_alpha: 1.5}"],
+                 r"smooth_quant_alpha=1.5 is out of range: it must be >= 0 and <= 1", id="smooth-quant-above-1"),
+    pytest.param(["+stages.q={kind: quantize, model_type: transformer, smooth_quant_alpha: -0.1}"],
+                 r"smooth_quant_alpha=-0.1 is out of range", id="smooth-quant-negative"),
+    pytest.param(["+stages.q={kind: quantize, smooth_quant_alpha: 0.5}"],
+                 r"smooth_quant_alpha=0.5 needs model_type=transformer", id="smooth-quant-without-transformer"),
+    pytest.param(["target=onnxruntime", "+stages.q={kind: quantize, model_type: transformer, "
+                  "smooth_quant_alpha: 0.5}"], r"not supported by target 'onnxruntime'", id="smooth-quant-ort"),
 ])
 def test_bad_diagnostic_options_fail_at_plan_time(cache, extra, message):
     with pytest.raises(EdgebuildError, match=message) as e:
