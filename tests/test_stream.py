@@ -436,13 +436,18 @@ def test_ctrl_c_stops_both_threads_with_a_partial_table_and_no_half_written_file
     p = subprocess.Popen([sys.executable, "-m", "edgebuild.stream", built[1]["deploy"], "--source", "shapes",
                           "--fps", "30", "--seconds", "600", "--json", str(js)], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin"})
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin", "PYTHONFAULTHANDLER": "1"})
     try:
         for line in p.stderr:  # the first result is ready: the stream runs
             if "first result" in line:
                 break
         p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=60)
+        try:
+            out, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # a hang: every thread's stack (faulthandler on SIGABRT) into the failure
+            p.send_signal(signal.SIGABRT)
+            out, err = p.communicate(timeout=30)
+            pytest.fail(f"no exit 60 s after Ctrl-C; the threads' stacks:\n{err[-6000:]}")
     finally:
         p.kill()
     assert p.returncode == 130, err
