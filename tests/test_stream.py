@@ -436,7 +436,10 @@ def test_ctrl_c_stops_both_threads_with_a_partial_table_and_no_half_written_file
     p = subprocess.Popen([sys.executable, "-m", "edgebuild.stream", built[1]["deploy"], "--source", "shapes",
                           "--fps", "30", "--seconds", "600", "--json", str(js)], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin", "PYTHONFAULTHANDLER": "1"})
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin", "PYTHONFAULTHANDLER": "1"},
+                         # the default SIGINT action even when the suite runs in the background (`cmd &` without job
+                         # control ignores SIGINT and children inherit it: the stream would rightly go on)
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in p.stderr:  # the first result is ready: the stream runs
             if "first result" in line:
