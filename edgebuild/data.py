@@ -244,6 +244,11 @@ def imagefolder_source(cfg: Any, cache_dir: Path) -> Source:
                   origins=origins, pool_origin=None if origins else f"folder {root}")
 
 
+def limit_indices(n: int, limit: int) -> np.ndarray:
+    """The `limit` of `n` pooled images data.limit keeps: seeded, in pool order (decode and split agree)."""
+    return np.sort(np.random.default_rng(0).permutation(n)[:limit])
+
+
 def _decode_folder(cfg: Any, cache_dir: Path, names: list[str], signature: str, images_: list,
                    parse: Callable) -> Source:
     labelled = [(e, *parse(e[0])) for e in images_ if parse(e[0])[1]]
@@ -255,8 +260,7 @@ def _decode_folder(cfg: Any, cache_dir: Path, names: list[str], signature: str, 
         # decode (and resize) only the images DataModule._limit keeps of the pool: all 50,000 CIFAR images
         # at 224x224 would take 7.5 GB; the pool order is the splits' in turn, as below
         pool_order = [item for items in by_split.values() for item in items]
-        keep = np.sort(np.random.default_rng(0).permutation(len(pool_order))[:cfg.limit])
-        labelled = [pool_order[i] for i in keep]
+        labelled = [pool_order[i] for i in limit_indices(len(pool_order), cfg.limit)]
         key += f"|limit {cfg.limit}"
     decoded = cache_dir / "decoded" / hashlib.sha256(key.encode()).hexdigest()
     npz = decoded.with_suffix(".npz")
@@ -424,7 +428,7 @@ class DataModule:
     def _limit(pool: Labelled, limit: int | None) -> Labelled:
         if not limit or limit >= len(pool.labels):
             return pool
-        idx = np.sort(np.random.default_rng(0).permutation(len(pool.labels))[:limit])
+        idx = limit_indices(len(pool.labels), limit)
         return Labelled(pool.images[idx], pool.labels[idx])
 
     @property
